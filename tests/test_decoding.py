@@ -1,0 +1,226 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from translator import ModelConfig, build_model
+from translator.decoding import beam_search, greedy, length_penalty, max_lengths, sample
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+class History:
+    """A test double for the decoding state: remembers nothing, but counts reorders."""
+
+    def __init__(self):
+        self.reorders = 0
+
+    def reorder(self, index):
+        self.reorders += 1
+
+
+def random_table_step(vocab_size=6, seed=0):
+    """A 'model' whose next-token logits are a fixed random function of the whole prefix."""
+    def step(tokens, state):
+        rows = []
+        for prefix in tokens.tolist():
+            g = torch.Generator().manual_seed(hash((seed, tuple(prefix))) % (2 ** 31))
+            rows.append(torch.randn(vocab_size, generator=g) * 2)
+        return torch.stack(rows)
+    return step
+
+
+def scripted_step(table):
+    """Next-token probabilities looked up by the prefix after BOS: {(w1, w2): {token: p}}."""
+    def step(tokens, state):
+        rows = []
+        for prefix in tokens[:, 1:].tolist():
+            probs = torch.zeros(5)
+            for token, p in table[tuple(prefix)].items():
+                probs[token] = p
+            rows.append(probs.log())
+        return torch.stack(rows)
+    return step
+
+
+def bos(batch):
+    return torch.full((batch, 1), BOS)
+
+
+# -- Beam search against exhaustive search -------------------------------------------------------------------
+
+def brute_force(step, max_len, alpha, form, vocab_size=6):
+    """Score every sequence over the content tokens with up to max_len tokens, then EOS."""
+    content = range(3, vocab_size)
+    results = []
+    for n in range(max_len + 1):
+        for seq in itertools.product(content, repeat=n):
+            prefix, logp = [BOS], 0.0
+            for token in list(seq) + [EOS]:
+                logp += torch.log_softmax(step(torch.tensor([prefix]), None)[0], -1)[token].item()
+                prefix.append(token)
+            results.append((logp / length_penalty(n + 1, alpha, form), list(seq)))
+    return sorted(results, key=lambda r: r[0], reverse=True)
+
+
+@pytest.mark.parametrize("alpha, form", [(0.6, "gnmt"), (1.0, "length"), (0.0, "gnmt")])
+def test_wide_beam_equals_exhaustive_search(alpha, form):
+    step = random_table_step()
+    expected = brute_force(step, max_len=4, alpha=alpha, form=form)
+    # A beam of 128 holds every prefix (at most 3^4 = 81) and every EOS candidate (at most 27 + 81).
+    hyps = beam_search(step, History(), bos(1), max_len=4, eos=EOS, beam_size=128, alpha=alpha, lp_form=form,
+                       nbest=10, banned=(PAD, BOS))[0]
+    assert [h.tokens for h in hyps] == [seq for _, seq in expected[:10]]
+    assert [h.score for h in hyps] == pytest.approx([score for score, _ in expected[:10]], abs=1e-5)
+
+
+def test_beam_search_with_a_real_model_never_scores_below_greedy():
+    model = build_model(ModelConfig.from_name("tiny", vocab_size=20)).eval()
+    src = torch.randint(4, 20, (6, 7))
+    greedy_out = greedy(model.step, model.start(src), bos(6), 8, EOS, banned=(PAD, BOS))
+    beams = beam_search(model.step, model.start(src), bos(6), 8, EOS, beam_size=8, alpha=0.0, banned=(PAD, BOS))
+
+    def logprob(i, tokens):
+        state, lp, prefix = model.start(src[i:i + 1]), 0.0, [BOS]
+        for token in tokens + [EOS]:
+            lp += torch.log_softmax(model.step(torch.tensor([prefix]), state)[0], -1)[token].item()
+            prefix.append(token)
+        return lp
+
+    for i in range(6):
+        assert beams[i][0].score == pytest.approx(logprob(i, beams[i][0].tokens), abs=1e-4)
+        assert beams[i][0].score >= logprob(i, greedy_out[i]) - 1e-4
+
+
+# -- Scripted steps with hand-computed scores ---------------------------------------------------------------
+
+W1, W2 = 3, 4
+SCRIPT = {
+    (): {W1: 0.6, W2: 0.4},
+    (W1,): {EOS: 0.15, W1: 0.05, W2: 0.8},
+    (W2,): {EOS: 0.9, W1: 0.05, W2: 0.05},
+    (W1, W2): {EOS: 0.7, W1: 0.2, W2: 0.1},
+    (W1, W1): {EOS: 0.5, W1: 0.25, W2: 0.25},
+}
+
+
+@pytest.mark.parametrize("alpha, form, best", [(0.0, "gnmt", [W2]), (0.6, "gnmt", [W1, W2]), (1.0, "length", [W1, W2])])
+def test_scripted_beam_with_length_penalty(alpha, form, best):
+    # Beam 2. Step 0 keeps [w1] (0.6) and [w2] (0.4). Step 1 ranks w1 w2 (.48), w2 EOS (.36), w1 EOS (.09),
+    # w1 w1 (.03): [w2] ends (EOS inside the top 2); w1 EOS ranks 3rd and is not ended; beams: w1 w2, w1 w1.
+    # Step 2 ranks w1 w2 EOS (.336) first: it ends, and with two hypotheses the sentence is done.
+    hyps = beam_search(scripted_step(SCRIPT), History(), bos(1), max_len=10, eos=EOS, beam_size=2, alpha=alpha,
+                       lp_form=form, nbest=2)[0]
+    lp = {n: length_penalty(n, alpha, form) for n in (2, 3)}
+    expected = {(W2,): math.log(0.4 * 0.9) / lp[2], (W1, W2): math.log(0.6 * 0.8 * 0.7) / lp[3]}
+    assert len(hyps) == 2 and hyps[0].tokens == best
+    for h in hyps:
+        assert h.score == pytest.approx(expected[tuple(h.tokens)], abs=1e-6)
+
+
+def test_length_penalty_forms():
+    assert length_penalty(5, 0.6) == pytest.approx((10 / 6) ** 0.6)
+    assert length_penalty(5, 0.6, "length") == pytest.approx(5 ** 0.6)
+    assert length_penalty(7, 0.0) == 1.0
+    with pytest.raises(ValueError, match="'gnmt' or 'length'"):
+        length_penalty(3, 0.6, "average")
+
+
+def test_scripted_greedy():
+    assert greedy(scripted_step(SCRIPT), History(), bos(1), 10, EOS) == [[W1, W2]]
+
+
+def test_max_length_is_a_times_source_plus_b_and_then_eos_is_forced():
+    assert max_lengths(torch.tensor([3, 10]), a=1.0, b=50).tolist() == [53, 60]
+    assert max_lengths(torch.tensor([3, 10]), a=1.2, b=5, cap=15).tolist() == [8, 15]
+    never_ends = lambda tokens, state: torch.tensor([[0.0, 0.0, -1e9, 5.0, 0.0]]).expand(tokens.size(0), 5)
+    limits = torch.tensor([2, 5])
+    assert greedy(never_ends, History(), bos(2), limits, EOS) == [[3, 3], [3] * 5]
+    hyps = beam_search(never_ends, History(), bos(2), limits, EOS, beam_size=2)
+    assert [h[0].tokens for h in hyps] == [[3, 3], [3] * 5]
+
+
+def test_min_len_delays_eos():
+    assert greedy(scripted_step({**SCRIPT, (W1, W2): {EOS: 0.7, W1: 0.2, W2: 0.1}, (W1, W2, W1): {EOS: 1.0}}),
+                  History(), bos(1), 10, EOS, min_len=3) == [[W1, W2, W1]]
+
+
+# -- Agreement between the decoders ---------------------------------------------------------------------
+
+def tiny_model():
+    return build_model(ModelConfig.from_name("tiny", vocab_size=20, dropout=0.0)).eval()
+
+
+def test_beam_one_equals_greedy():
+    model = tiny_model()
+    src = torch.randint(4, 20, (16, 9))
+    src[::3, 6:] = PAD
+    expected = greedy(model.step, model.start(src), bos(16), 12, EOS, banned=(PAD, BOS))
+    hyps = beam_search(model.step, model.start(src), bos(16), 12, EOS, beam_size=1, banned=(PAD, BOS))
+    assert [h[0].tokens for h in hyps] == expected
+    step = random_table_step(seed=3)
+    assert [h[0].tokens for h in beam_search(step, History(), bos(1), 6, EOS, beam_size=1, banned=(PAD, BOS))] == \
+        greedy(step, History(), bos(1), 6, EOS, banned=(PAD, BOS))
+
+
+def test_top_k_one_sampling_equals_greedy():
+    model = tiny_model()
+    src = torch.randint(4, 20, (8, 9))
+    expected = greedy(model.step, model.start(src), bos(8), 12, EOS, banned=(PAD, BOS))
+    got = sample(model.step, model.start(src), bos(8), 12, EOS, banned=(PAD, BOS), top_k=1, temperature=0.7,
+                 generator=torch.Generator().manual_seed(1))
+    assert got == expected
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without():
+    model = tiny_model()
+    src = torch.randint(4, 20, (8, 9))
+
+    def run(seed, **kw):
+        return sample(model.step, model.start(src), bos(8), 12, EOS, banned=(PAD, BOS),
+                      generator=torch.Generator().manual_seed(seed), **kw)
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+    assert run(5, top_p=0.9, top_k=5) == run(5, top_p=0.9, top_k=5)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # Probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.7 keeps the first two, so only tokens 3 and 4 are drawn.
+    logits = torch.tensor([[-1e9, -1e9, math.log(0.05), math.log(0.5), math.log(0.3)] + [math.log(0.15)]])
+    step = lambda tokens, state: logits.expand(tokens.size(0), -1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample(step, History(), bos(200), 1, EOS, top_p=0.7, generator=g, min_len=1)
+    seen = {d[0] for d in draws}
+    assert seen == {3, 4}
+
+
+def test_batched_beam_search_equals_one_sentence_at_a_time():
+    model = tiny_model()
+    src = torch.randint(4, 20, (5, 8))
+    src[1, 3:] = PAD
+    src[3, 5:] = PAD
+    together = beam_search(model.step, model.start(src), bos(5), max_lengths((src != PAD).sum(1), b=5), EOS,
+                           beam_size=4, nbest=2, banned=(PAD, BOS))
+    for i in range(5):
+        one = src[i:i + 1, : int((src[i] != PAD).sum())]
+        alone = beam_search(model.step, model.start(one), bos(1), max_lengths((one != PAD).sum(1), b=5), EOS,
+                            beam_size=4, nbest=2, banned=(PAD, BOS))[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in together[i]]
+        assert [h.score for h in alone] == pytest.approx([h.score for h in together[i]], abs=1e-5)
+
+
+def test_decoder_only_decodes_with_the_same_functions():
+    lm = build_model(ModelConfig.from_name("lm_tiny", vocab_size=20)).eval()
+    prompt = torch.randint(4, 20, (3, 5))
+    expected = greedy(lm.step, lm.start(prompt), prompt, 6, EOS, banned=(PAD, BOS))
+    hyps = beam_search(lm.step, lm.start(prompt), prompt, 6, EOS, beam_size=1, banned=(PAD, BOS))
+    assert [h[0].tokens for h in hyps] == expected
+    # Greedy with the cache equals greedy recomputing the whole sequence each step.
+    for i in range(3):
+        seq = prompt[i:i + 1]
+        for _ in range(len(expected[i])):
+            logits = lm(seq)[0, -1]
+            logits[[PAD, BOS]] = -torch.inf
+            seq = torch.cat([seq, logits.argmax().view(1, 1)], 1)
+        assert seq[0, 5:].tolist() == expected[i]

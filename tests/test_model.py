@@ -1,0 +1,230 @@
+import math
+
+import pytest
+import torch
+
+from translator import ModelConfig, build_model, count_parameters
+from translator.model import Block, DecoderOnly, EncoderDecoder, sinusoidal_positions
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def tiny(arch="encoder_decoder", **overrides):
+    name = "tiny" if arch == "encoder_decoder" else "lm_tiny"
+    return build_model(ModelConfig.from_name(name, vocab_size=23, **overrides)).eval()
+
+
+def random_tokens(*shape, low=4, high=23):
+    return torch.randint(low, high, shape)
+
+
+# -- Sizes -------------------------------------------------------------------------------------------------
+
+def test_parameter_counts_match_the_paper_layout():
+    # Post-norm, biases in every linear layer, one 37000 x d matrix shared by both embeddings and the
+    # output projection, no output bias. The paper rounds these to 65M and 213M. (Built on the meta device:
+    # the same modules, without allocating 214M floats.)
+    with torch.device("meta"):
+        base = build_model(ModelConfig.from_name("transformer_base", vocab_size=37000))
+        big = build_model(ModelConfig.from_name("transformer_big", vocab_size=37000))
+    assert count_parameters(base) == 63_082_496
+    assert count_parameters(big) == 214_245_376
+
+
+def test_pre_norm_adds_one_final_layer_norm_per_stack():
+    with torch.device("meta"):
+        post = build_model(ModelConfig.from_name("transformer_base", vocab_size=37000))
+        pre = build_model(ModelConfig.from_name("transformer_base", vocab_size=37000, norm_first=True))
+    assert count_parameters(pre) - count_parameters(post) == 2 * 2 * 512
+
+
+def test_unshared_embeddings_add_their_matrices():
+    shared = build_model(ModelConfig.from_name("tiny", vocab_size=50))
+    untied = build_model(ModelConfig.from_name("tiny", vocab_size=50, tie_output=False))
+    separate = build_model(ModelConfig.from_name("tiny", vocab_size=50, src_vocab_size=40, share_embeddings=False,
+                                                 tie_output=False))
+    assert count_parameters(untied) - count_parameters(shared) == 50 * 32
+    assert count_parameters(separate) - count_parameters(shared) == 40 * 32 + 50 * 32 - 50 * 32 + 50 * 32
+
+
+def test_one_embedding_matrix_is_shared_three_ways():
+    model = tiny()
+    assert model.src_embed.token.weight is model.tgt_embed.token.weight
+    h = torch.randn(3, 32)
+    torch.testing.assert_close(model.logits(h), h @ model.src_embed.token.weight.T)
+
+
+def test_the_same_block_class_builds_all_three_stacks():
+    enc_dec, lm = tiny(), tiny("decoder_only")
+    blocks = list(enc_dec.encoder.blocks) + list(enc_dec.decoder.blocks) + list(lm.decoder.blocks)
+    assert blocks and all(type(b) is Block for b in blocks)
+    assert all(b.cross_attn is None for b in enc_dec.encoder.blocks)
+    assert all(b.cross_attn is not None for b in enc_dec.decoder.blocks)
+    assert all(b.cross_attn is None for b in lm.decoder.blocks)
+    assert isinstance(enc_dec, EncoderDecoder) and isinstance(lm, DecoderOnly)
+
+
+def test_sinusoidal_positions_follow_the_formula():
+    table = sinusoidal_positions(50, 16)
+    for pos in (0, 1, 7, 49):
+        for i in range(8):
+            angle = pos / 10000 ** (2 * i / 16)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_embeddings_are_scaled_by_sqrt_d_model():
+    model = tiny()
+    tokens = random_tokens(1, 5)
+    expected = model.src_embed.token(tokens) * math.sqrt(32) + sinusoidal_positions(5, 32)
+    torch.testing.assert_close(model.src_embed(tokens), expected)
+
+
+def test_post_norm_is_the_default_and_pre_norm_a_switch():
+    x = torch.randn(2, 5, 32)
+    post = tiny().encoder.blocks[0]
+    out, _ = post(x)
+    # Post-norm: every block output is layer-normalised (zero mean, unit variance per position).
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
+    pre = tiny(norm_first=True).encoder.blocks[0]
+    out, _ = pre(x)
+    assert out.mean(-1).abs().max() > 1e-3
+    assert isinstance(tiny(activation="gelu").encoder.blocks[0].ff.activation, torch.nn.GELU)
+
+
+def test_too_long_input_gives_a_clear_error():
+    with pytest.raises(ValueError, match="max_positions is 128"):
+        tiny()(random_tokens(1, 129), random_tokens(1, 3))
+
+
+# -- Masks -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decoder_is_causal(norm_first):
+    model = tiny(norm_first=norm_first)
+    src, tgt = random_tokens(2, 7), random_tokens(2, 9)
+    changed = tgt.clone()
+    changed[:, 5:] = random_tokens(2, 4)
+    a, b = model(src, tgt), model(src, changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5], atol=1e-6, rtol=0)
+    assert (a[:, 5:] - b[:, 5:]).abs().max() > 1e-3
+
+
+def test_decoder_only_is_causal():
+    model = tiny("decoder_only")
+    x = random_tokens(2, 9)
+    y = x.clone()
+    y[:, 4:] = random_tokens(2, 5)
+    torch.testing.assert_close(model(x)[:, :4], model(y)[:, :4], atol=1e-6, rtol=0)
+
+
+def test_padding_does_not_change_a_sentence():
+    model = tiny()
+    src, tgt = random_tokens(1, 6), random_tokens(1, 4)
+    alone = model(src, tgt)
+    other_src, other_tgt = random_tokens(3, 11), random_tokens(3, 9)
+    batch_src = torch.full((4, 11), PAD)
+    batch_tgt = torch.full((4, 9), PAD)
+    batch_src[:3], batch_tgt[:3] = other_src, other_tgt
+    batch_src[3, :6], batch_tgt[3, :4] = src[0], tgt[0]
+    in_batch = model(batch_src, batch_tgt)[3:, :4]
+    assert (alone - in_batch).abs().max() < 1e-5
+
+
+def test_prefix_lm_mask_lets_the_prefix_see_itself():
+    model = tiny("decoder_only")
+    x = random_tokens(1, 8)
+    y = x.clone()
+    y[0, 3] = (x[0, 3] + 1 - 4) % 19 + 4  # change a prefix token that comes after position 1
+    prefix = torch.tensor([5])
+    a, b = model(x, prefix_len=prefix), model(y, prefix_len=prefix)
+    assert (a[0, 1] - b[0, 1]).abs().max() > 1e-4  # bidirectional inside the prefix
+    torch.testing.assert_close(model(x, prefix_len=torch.tensor([0])), model(x))  # empty prefix = causal
+    z = x.clone()
+    z[0, 6] = (x[0, 6] + 1 - 4) % 19 + 4  # after the prefix the mask is causal again
+    torch.testing.assert_close(model(x, prefix_len=prefix)[:, :6], model(z, prefix_len=prefix)[:, :6])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fully_padded_rows_give_no_nan_under_autocast(dtype):
+    model = tiny()
+    src = random_tokens(2, 6)
+    src[1] = PAD  # a source with no token at all: every key of that row is masked
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(src, random_tokens(2, 4))
+    assert torch.isfinite(out).all()
+    lm = tiny("decoder_only")
+    prompt = random_tokens(2, 6)
+    prompt[0, :4] = PAD  # left padding: those query rows see no key
+    state = lm.start(prompt)
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.isfinite(lm.decode_incremental(prompt, state)).all()
+
+
+# -- Incremental decoding ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_cached_decoding_equals_full_forward(norm_first):
+    model = tiny(norm_first=norm_first)
+    src, tgt = random_tokens(3, 7), random_tokens(3, 10)
+    src[0, 5:] = PAD
+    full = model(src, tgt)
+    state = model.start(src)
+    steps = [model.step(tgt[:, : t + 1], state) for t in range(10)]
+    assert state.length == 10
+    assert (torch.stack(steps, 1) - full).abs().max() < 1e-5
+    # Several positions at once (a prefill, or a speculative draft) after some cached ones.
+    state = model.start(src)
+    first = model.decode_incremental(tgt[:, :4], state)
+    rest = model.decode_incremental(tgt[:, 4:], state)
+    assert (torch.cat([first, rest], 1) - full).abs().max() < 1e-5
+
+
+def test_cached_decoding_equals_full_forward_decoder_only():
+    model = tiny("decoder_only")
+    x = random_tokens(2, 12)
+    full = model(x)
+    state = model.start()
+    steps = [model.step(x[:, : t + 1], state) for t in range(12)]
+    assert (torch.stack(steps, 1) - full).abs().max() < 1e-5
+    state = model.start()
+    chunks = [model.decode_incremental(x[:, :5], state), model.decode_incremental(x[:, 5:6], state),
+              model.decode_incremental(x[:, 6:], state)]
+    assert (torch.cat(chunks, 1) - full).abs().max() < 1e-5
+
+
+def test_left_padded_prompts_decode_as_if_alone():
+    model = tiny("decoder_only")
+    short, long = random_tokens(1, 3), random_tokens(1, 6)
+    batch = torch.full((2, 6), PAD)
+    batch[0, 3:], batch[1] = short[0], long[0]
+    state = model.start(batch)
+    logits = model.decode_incremental(batch, state)
+    nxt = random_tokens(2, 1)
+    logits_next = model.decode_incremental(nxt, state)
+    alone = model(torch.cat([short, nxt[:1]], 1))
+    assert (logits[0, 3:] - alone[0, :3]).abs().max() < 1e-5
+    assert (logits_next[0, 0] - alone[0, 3]).abs().max() < 1e-5
+
+
+def test_reorder_selects_rows_and_cross_attention_is_computed_once():
+    model = tiny()
+    src = random_tokens(3, 5)
+    state = model.start(src)
+    model.step(torch.full((3, 1), BOS), state)
+    assert state.memory is None  # cross-attention keys/values are cached, the memory is no longer needed
+    cross_k = state.kv[0][1][0]
+    state.reorder(torch.tensor([2, 2, 0]))
+    torch.testing.assert_close(state.kv[0][1][0], cross_k[[2, 2, 0]])
+    assert state.kv[0][0][0].shape == (3, 2, 1, 16)  # (N, heads, positions, head_dim)
+    state.truncate(0)
+    assert state.length == 0 and state.kv[0][0][0].shape[2] == 0
+
+
+def test_device_agnostic_on_cuda_when_present():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    model = tiny().cuda()
+    src, tgt = random_tokens(2, 5).cuda(), random_tokens(2, 4).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.isfinite(model(src, tgt)).all()

@@ -1,0 +1,184 @@
+"""Decoding as plain functions over a step function.
+
+A step function `step(tokens, state) -> logits` receives every token so far, (N, T), and returns the
+logits of the next one, (N, V). `state` is the caller-owned cache: it must offer `reorder(index)`, after
+which row i holds what row index[i] held. Both models' `.step` and `.start(...)` fit this; so does a
+scripted test double. Each function drops sentences from the batch once they are finished.
+
+Lengths: at most `max_len` tokens are generated before EOS (per sentence, a*src_len + b in the paper),
+then EOS is forced. Returned token lists hold neither the prefix nor EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+
+class State(Protocol):
+    def reorder(self, index: Tensor) -> None: ...
+
+
+StepFn = Callable[[Tensor, State], Tensor]
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]
+    score: float  # sum of log-probabilities (EOS included) divided by the length penalty
+
+
+def length_penalty(length: int | Tensor, alpha: float, form: str = "gnmt") -> float | Tensor:
+    """'gnmt': ((5 + |Y|) / 6)^alpha, as the paper uses (Wu et al., 2016); 'length': |Y|^alpha, as fairseq,
+    Hugging Face and CTranslate2 use. |Y| counts the EOS token."""
+    if form == "gnmt":
+        return ((5 + length) / 6) ** alpha
+    if form == "length":
+        return length ** alpha
+    raise ValueError(f"length penalty form {form!r}: expected 'gnmt' or 'length'")
+
+
+def max_lengths(src_lengths: Tensor, a: float = 1.0, b: int = 50, cap: int | None = None) -> Tensor:
+    """The paper's output limit: a * source length + b (capped, e.g. by the model's max_positions)."""
+    limit = (src_lengths.float() * a + b).long()
+    return limit.clamp(max=cap) if cap is not None else limit
+
+
+def _as_lengths(max_len: int | Tensor, batch: int, device: torch.device) -> Tensor:
+    if isinstance(max_len, Tensor):
+        return max_len.to(device=device, dtype=torch.long)
+    return torch.full((batch,), int(max_len), device=device, dtype=torch.long)
+
+
+def _log_probs(logits: Tensor, eos: int, banned: Sequence[int], must_end: Tensor, may_end: bool) -> Tensor:
+    """Log-softmax in float32 with banned tokens removed; rows in must_end may only produce EOS."""
+    lprobs = torch.log_softmax(logits.float(), dim=-1)
+    lprobs[:, list(banned)] = -torch.inf
+    if not may_end:
+        lprobs[:, eos] = -torch.inf
+    forced = torch.full_like(lprobs, -torch.inf)
+    forced[:, eos] = lprobs[:, eos]
+    return torch.where(must_end[:, None], forced, lprobs)
+
+
+def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), -torch.inf)
+    return logits
+
+
+def _generate(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
+              choose: Callable[[Tensor], Tensor], banned: Sequence[int], min_len: int) -> list[list[int]]:
+    B, device = prefix.size(0), prefix.device
+    limit = _as_lengths(max_len, B, device)
+    tokens = prefix
+    alive = torch.arange(B, device=device)  # original index of each row still generating
+    out: list[list[int]] = [[] for _ in range(B)]
+    generated = []
+    for t in range(int(limit.max()) + 1):
+        lprobs = _log_probs(step(tokens, state), eos, banned, t >= limit[alive], t >= min_len)
+        nxt = choose(lprobs)  # (n,)
+        generated.append((alive, nxt))
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        ended = nxt == eos
+        if bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            alive, tokens = alive[keep], tokens[keep]
+            state.reorder(keep)
+    for rows, nxt in generated:  # one host transfer per step, after the loop
+        for row, token in zip(rows.tolist(), nxt.tolist()):
+            if token != eos:
+                out[row].append(token)
+    return out
+
+
+def greedy(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
+           banned: Sequence[int] = (), min_len: int = 0) -> list[list[int]]:
+    """The most probable next token at every step."""
+    return _generate(step, state, prefix, max_len, eos, lambda lp: lp.argmax(dim=-1), banned, min_len)
+
+
+def sample(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
+           banned: Sequence[int] = (), min_len: int = 0, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering; `generator` seeds it."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive (use greedy for temperature 0)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must lie in (0, 1]")
+
+    def choose(lprobs: Tensor) -> Tensor:
+        probs = _filter_logits(lprobs, temperature, top_k, top_p).softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return _generate(step, state, prefix, max_len, eos, choose, banned, min_len)
+
+
+def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
+                beam_size: int = 4, alpha: float = 0.6, lp_form: str = "gnmt", nbest: int = 1,
+                banned: Sequence[int] = (), min_len: int = 0) -> list[list[Hypothesis]]:
+    """Batched beam search (fairseq's mechanics): each step ranks 2*beam candidates per sentence, ends the
+    EOS candidates among the best `beam` as hypotheses scored by log-probability / length penalty, and
+    continues with the best `beam` others. A sentence is done once it holds `beam` hypotheses.
+    Returns, per sentence, the `nbest` best hypotheses, best first."""
+    if not 1 <= nbest <= beam_size:
+        raise ValueError(f"nbest={nbest} must lie between 1 and beam_size={beam_size}")
+    B, K, device = prefix.size(0), beam_size, prefix.device
+    limit = _as_lengths(max_len, B, device)
+    state.reorder(torch.arange(B, device=device).repeat_interleave(K))
+    tokens = prefix.repeat_interleave(K, dim=0)  # (B*K, T)
+    scores = torch.zeros(B, K, device=device)
+    scores[:, 1:] = -torch.inf  # the beams start identical: keep one so the first step does not repeat it
+    sentences = torch.arange(B, device=device)  # original index of each sentence still searching
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    start = prefix.size(1)
+    for t in range(int(limit.max()) + 1):
+        n = sentences.numel()
+        must_end = (t >= limit[sentences]).repeat_interleave(K)
+        lprobs = _log_probs(step(tokens, state), eos, banned, must_end, t >= min_len)
+        V = lprobs.size(-1)
+        candidates = (scores.view(-1, 1) + lprobs).view(n, K * V)
+        top, index = candidates.topk(2 * K, dim=1)
+        beam, token = index // V, index % V
+        is_eos = token == eos
+
+        ends = is_eos[:, :K] & (top[:, :K] > -torch.inf)
+        if bool(ends.any()):
+            i, j = ends.nonzero(as_tuple=True)
+            rows = i * K + beam[i, j]
+            penalty = length_penalty(t + 1, alpha, lp_form)
+            for s, seq, score in zip(sentences[i].tolist(), tokens[rows, start:].tolist(), (top[i, j] / penalty).tolist()):
+                if len(finished[s]) < K:
+                    finished[s].append(Hypothesis(seq, score))
+
+        # Continue with the best K candidates that are not EOS (there are at least K among 2K).
+        rank = torch.arange(2 * K, device=device) + is_eos * 2 * K
+        keep = rank.topk(K, dim=1, largest=False).indices
+        scores, token = top.gather(1, keep), token.gather(1, keep)
+        rows = (torch.arange(n, device=device)[:, None] * K + beam.gather(1, keep)).view(-1)
+
+        done = torch.tensor([len(finished[s]) >= K for s in sentences.tolist()], device=device) | (t >= limit[sentences])
+        if bool(done.all()):
+            break
+        tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)
+        if bool(done.any()):  # drop finished sentences from the batch
+            live = (~done).nonzero().squeeze(1)
+            sentences, scores = sentences[live], scores[live]
+            live_rows = (live[:, None] * K + torch.arange(K, device=device)).view(-1)
+            tokens, rows = tokens[live_rows], rows[live_rows]
+        state.reorder(rows)
+    for hyps in finished:
+        hyps.sort(key=lambda h: h.score, reverse=True)
+    return [hyps[:nbest] for hyps in finished]

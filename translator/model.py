@@ -1,0 +1,339 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), and its decoder-only sibling.
+
+Read top-down: positions -> attention -> feed-forward -> Block -> Stack -> EncoderDecoder / DecoderOnly.
+One `Block` serves all three stacks: the encoder (bidirectional self-attention), the decoder (causal
+self-attention + cross-attention) and the decoder-only model (causal self-attention, no cross-attention).
+
+Incremental decoding keeps past keys/values in a `DecodeState` that the caller owns and passes in;
+beam search reorders it with one index_select per tensor. Nothing is cached inside the modules, so
+training and inference run the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+KV = tuple[Tensor, Tensor]  # keys, values: (B, H, T, head_dim) each
+
+
+def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))  (Section 3.5)."""
+    position = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)
+    frequency = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return table.float()
+
+
+class MultiHeadAttention(nn.Module):
+    """h heads of scaled dot-product attention (Section 3.2), as self-attention or as cross-attention to
+    the encoder's memory. Q, K and V projections are stacked in one matrix so that self-attention needs
+    one matmul; cross-attention uses its query rows on x and its key/value rows on the memory."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, cross: bool = False):
+        super().__init__()
+        self.cross = cross
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)  # [W_Q; W_K; W_V]
+        self.out = nn.Linear(d_model, d_model)  # W_O
+
+    def _heads(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, H, T, C/H)
+        B, T, C = x.shape
+        return x.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+
+    def memory_kv(self, memory: Tensor) -> KV:
+        """Keys and values of the encoder output: computed once per sentence when decoding."""
+        d = memory.size(-1)
+        k, v = F.linear(memory, self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False,
+                memory: Tensor | None = None, past: KV | None = None) -> tuple[Tensor, KV]:
+        """x: (B, T, C). mask: bool, broadcastable to (B, H, T, S), True where attending is allowed.
+        past: for self-attention the keys/values of earlier positions (new ones are appended);
+        for cross-attention the memory's keys/values (reused as they are).
+        Returns the output (B, T, C) and the keys/values to cache."""
+        B, T, C = x.shape
+        if not self.cross:
+            q, k, v = (self._heads(t) for t in self.qkv(x).split(C, dim=-1))
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        else:
+            q = self._heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))
+            k, v = past if past is not None else self.memory_kv(memory)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2  (Section 3.3); GELU as a switch."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.activation = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
+        self.dropout = nn.Dropout(cfg.activation_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.dropout(self.activation(self.up(x))))
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, feed-forward; each wrapped in a residual connection
+    and LayerNorm: post-norm LN(x + Dropout(f(x))) as in the paper, or pre-norm x + Dropout(f(LN(x)))."""
+
+    def __init__(self, cfg: ModelConfig, cross_attention: bool):
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.self_attn_norm = nn.LayerNorm(cfg.d_model)
+        self.cross_attn = (MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, cross=True)
+                           if cross_attention else None)
+        self.cross_attn_norm = nn.LayerNorm(cfg.d_model) if cross_attention else None
+        self.ff = FeedForward(cfg)
+        self.ff_norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _input(self, x: Tensor, norm: nn.Module) -> Tensor:
+        return norm(x) if self.norm_first else x
+
+    def _residual(self, x: Tensor, y: Tensor, norm: nn.Module) -> Tensor:
+        return x + self.dropout(y) if self.norm_first else norm(x + self.dropout(y))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False,
+                memory: Tensor | None = None, memory_mask: Tensor | None = None,
+                past: tuple[KV | None, KV | None] = (None, None)) -> tuple[Tensor, tuple[KV, KV | None]]:
+        y, self_kv = self.self_attn(self._input(x, self.self_attn_norm), mask, causal, past=past[0])
+        x = self._residual(x, y, self.self_attn_norm)
+        cross_kv = None
+        if self.cross_attn is not None:
+            y, cross_kv = self.cross_attn(self._input(x, self.cross_attn_norm), memory_mask, memory=memory, past=past[1])
+            x = self._residual(x, y, self.cross_attn_norm)
+        x = self._residual(x, self.ff(self._input(x, self.ff_norm)), self.ff_norm)
+        return x, (self_kv, cross_kv)
+
+
+class Stack(nn.Module):
+    """N identical Blocks; pre-norm adds the final LayerNorm (post-norm outputs are normalised already)."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, cross_attention: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg, cross_attention) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False,
+                memory: Tensor | None = None, memory_mask: Tensor | None = None,
+                state: DecodeState | None = None) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            past = state.kv[i] if state is not None else (None, None)
+            x, kv = block(x, mask, causal, memory, memory_mask, past)
+            if state is not None:
+                state.kv[i] = kv
+        return self.norm(x)
+
+
+class Embedding(nn.Module):
+    """Token embedding times sqrt(d_model), plus sinusoidal positions, then dropout (Sections 3.4, 3.5, 5.4)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, token: nn.Embedding | None = None):
+        super().__init__()
+        self.token = token if token is not None else nn.Embedding(vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.scale = math.sqrt(cfg.d_model)
+        self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, end: int | None = None) -> Tensor:
+        """tokens: (B, T); positions: (T,) or (B, T), default 0..T-1, all below `end`. Returns (B, T, C)."""
+        end = tokens.size(1) if end is None else end
+        if end > self.positions.size(0):  # checked on sizes, not values: no host sync per step
+            raise ValueError(f"sequence of {end} positions but max_positions is {self.positions.size(0)}; "
+                             "truncate the input or raise max_positions")
+        if positions is None:
+            positions = torch.arange(tokens.size(1), device=tokens.device)
+        return self.dropout(self.token(tokens) * self.scale + self.positions[positions])
+
+
+@dataclass
+class DecodeState:
+    """What incremental decoding carries from step to step; owned and passed in by the caller.
+
+    kv[i] = (self-attention keys/values of the positions seen so far, cross-attention keys/values of the
+    memory) for layer i. `pad_len` counts left padding per row (decoder-only prompts of unequal length):
+    those positions are never attended to and positions count from the first real token."""
+
+    kv: list[tuple[KV | None, KV | None]]
+    memory: Tensor | None = None  # (N, S, C); dropped once its keys/values are cached
+    memory_mask: Tensor | None = None  # (N, 1, 1, S) True at real source tokens
+    pad_len: Tensor | None = None  # (N,)
+    length: int = 0  # positions fed so far
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i becomes what row index[i] was: beam reordering, expanding to beams, dropping finished rows."""
+        def pick(t):
+            return None if t is None else t.index_select(0, index)
+        self.kv = [(None if s is None else (pick(s[0]), pick(s[1])), None if c is None else (pick(c[0]), pick(c[1])))
+                   for s, c in self.kv]
+        self.memory, self.memory_mask, self.pad_len = pick(self.memory), pick(self.memory_mask), pick(self.pad_len)
+
+    def truncate(self, length: int) -> None:
+        """Forget positions from `length` on (speculative decoding rejects drafted tokens this way)."""
+        self.kv = [(None if s is None else (s[0][:, :, :length], s[1][:, :, :length]), c) for s, c in self.kv]
+        self.length = length
+
+
+def _incremental_mask(state: DecodeState, n_new: int, device: torch.device) -> Tensor | None:
+    """Mask for n_new query positions after state.length cached ones: causal, and blind to left padding."""
+    total = state.length + n_new
+    if n_new == 1 and state.pad_len is None:
+        return None  # one new position may see every cached one
+    key = torch.arange(total, device=device)
+    query = torch.arange(state.length, total, device=device)
+    mask = (key[None, :] <= query[:, None])[None, None]  # (1, 1, n_new, total)
+    if state.pad_len is not None:
+        mask = mask & (key[None, :] >= state.pad_len[:, None])[:, None, None, :]
+    return mask
+
+
+class _Seq2SeqBase(nn.Module):
+    """What both models share: weight init, the output projection, and the incremental step function."""
+
+    cfg: ModelConfig
+    tgt_embed: Embedding
+    output: nn.Linear | None
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=self.cfg.d_model ** -0.5)
+                nn.init.zeros_(module.weight[self.cfg.pad_id])
+
+    def logits(self, h: Tensor) -> Tensor:
+        weight = self.tgt_embed.token.weight if self.output is None else self.output.weight
+        return F.linear(h, weight)
+
+    def _positions(self, state: DecodeState, n_new: int, device: torch.device) -> Tensor:
+        positions = torch.arange(state.length, state.length + n_new, device=device)
+        if state.pad_len is None:
+            return positions
+        return (positions[None, :] - state.pad_len[:, None]).clamp(min=0)
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, state: DecodeState) -> Tensor:
+        """The step function for decoding: tokens (N, T) are all tokens so far; the ones the state has
+        not seen yet are fed. Returns the logits of the next token, (N, V)."""
+        return self.decode_incremental(tokens[:, state.length:], state)[:, -1]
+
+    def decode_incremental(self, new: Tensor, state: DecodeState) -> Tensor:
+        raise NotImplementedError
+
+
+class EncoderDecoder(_Seq2SeqBase):
+    """The 2017 Transformer: encoder and decoder stacks joined by cross-attention (Figure 1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size is not set (it comes from the tokenizer)")
+        self.cfg = cfg
+        self.src_embed = Embedding(cfg, cfg.source_vocab_size)
+        self.tgt_embed = Embedding(cfg, cfg.vocab_size, self.src_embed.token if cfg.share_embeddings else None)
+        self.encoder = Stack(cfg, cfg.n_encoder_layers, cross_attention=False)
+        self.decoder = Stack(cfg, cfg.n_decoder_layers, cross_attention=True)
+        self.output = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_weights()
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src: (B, S) token ids, padded with pad_id. Returns memory (B, S, C) and its mask (B, 1, 1, S)."""
+        src_mask = (src != self.cfg.pad_id)[:, None, None, :]
+        return self.encoder(self.src_embed(src), src_mask), src_mask
+
+    def decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        """Teacher-forced decoding: tgt (B, T) starts with BOS. Returns logits (B, T, V).
+        Padding sits at the end of tgt, so the causal mask alone keeps real positions off it."""
+        h = self.decoder(self.tgt_embed(tgt), None, True, memory, memory_mask)
+        return self.logits(h)
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        memory, memory_mask = self.encode(src)
+        return self.decode(tgt, memory, memory_mask)
+
+    @torch.no_grad()
+    def start(self, src: Tensor) -> DecodeState:
+        """Encode src once and return an empty decoding state for it."""
+        memory, memory_mask = self.encode(src)
+        return DecodeState(kv=[(None, None)] * len(self.decoder.blocks), memory=memory, memory_mask=memory_mask)
+
+    def decode_incremental(self, new: Tensor, state: DecodeState) -> Tensor:
+        x = self.tgt_embed(new, self._positions(state, new.size(1), new.device), end=state.length + new.size(1))
+        mask = _incremental_mask(state, new.size(1), new.device)
+        h = self.decoder(x, mask, False, state.memory, state.memory_mask, state)
+        state.length += new.size(1)
+        state.memory = None  # its keys/values are cached in every layer now
+        return self.logits(h)
+
+
+class DecoderOnly(_Seq2SeqBase):
+    """A language model from the same Block: causal self-attention, no cross-attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size is not set (it comes from the tokenizer)")
+        self.cfg = cfg
+        self.tgt_embed = Embedding(cfg, cfg.vocab_size)
+        self.decoder = Stack(cfg, cfg.n_decoder_layers, cross_attention=False)
+        self.output = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_weights()
+
+    def forward(self, tokens: Tensor, prefix_len: Tensor | None = None) -> Tensor:
+        """tokens: (B, T), right-padded. prefix_len (B,): positions that attend bidirectionally among
+        themselves (a prefix LM over the source); None: fully causal. Returns logits (B, T, V)."""
+        if prefix_len is None:
+            return self.logits(self.decoder(self.tgt_embed(tokens), None, True))
+        idx = torch.arange(tokens.size(1), device=tokens.device)
+        causal = idx[None, :] <= idx[:, None]  # (T, T)
+        in_prefix = idx[None, :] < prefix_len[:, None]  # (B, T): key inside the prefix
+        mask = (causal[None] | (in_prefix[:, None, :] & in_prefix[:, :, None]))[:, None]
+        return self.logits(self.decoder(self.tgt_embed(tokens), mask, False))
+
+    @torch.no_grad()
+    def start(self, prompt: Tensor | None = None) -> DecodeState:
+        """An empty state; `prompt` (B, T) may be left-padded with pad_id, which is then masked out."""
+        pad_len = None
+        if prompt is not None:
+            is_pad = prompt == self.cfg.pad_id
+            pad_len = is_pad.long().cumprod(dim=1).sum(dim=1)  # leading pads per row
+            if not bool(pad_len.any()):
+                pad_len = None
+        return DecodeState(kv=[(None, None)] * len(self.decoder.blocks), pad_len=pad_len)
+
+    def decode_incremental(self, new: Tensor, state: DecodeState) -> Tensor:
+        x = self.tgt_embed(new, self._positions(state, new.size(1), new.device), end=state.length + new.size(1))
+        mask = _incremental_mask(state, new.size(1), new.device)
+        h = self.decoder(x, mask, False, state=state)
+        state.length += new.size(1)
+        return self.logits(h)
+
+
+def build_model(cfg: ModelConfig) -> EncoderDecoder | DecoderOnly:
+    return EncoderDecoder(cfg) if cfg.arch == "encoder_decoder" else DecoderOnly(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters: a matrix shared by several modules counts once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
