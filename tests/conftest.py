@@ -20,3 +20,62 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the shared data directory beside the checkout); not found")
     return path
+
+
+EN = "a the dog cat man woman child ball red blue green big small runs jumps sits plays eats with on in near".split()
+DE = "ein der Hund Katze Mann Frau Kind Ball rot blau grün groß klein rennt springt sitzt spielt isst mit auf in nahe".split()
+
+
+def write_toy_corpus(directory: Path, n_train: int = 2000, n_valid: int = 100, seed: int = 0) -> Path:
+    """A toy 'translation' task: each English word maps to one German word, order kept. Files
+    toy/{train,valid}.{en,de} under `directory`, which is returned (use it as the data directory)."""
+    import random
+
+    rng = random.Random(seed)
+    out = directory / "toy"
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        pairs = []
+        for _ in range(n):
+            idx = [rng.randrange(len(EN)) for _ in range(rng.randint(3, 9))]
+            pairs.append((" ".join(EN[i] for i in idx), " ".join(DE[i] for i in idx)))
+        (out / f"{split}.en").write_text("".join(p[0] + "\n" for p in pairs))
+        (out / f"{split}.de").write_text("".join(p[1] + "\n" for p in pairs))
+    return directory
+
+
+TOY_RECIPE = """\
+model:
+  preset: tiny
+  d_model: 64
+  d_ff: 128
+  n_heads: 4
+data:
+  src_lang: en
+  tgt_lang: de
+  train: toy/train.{lang}
+  valid: toy/valid.{lang}
+tokenizer:
+  vocab_size: 400
+train:
+  max_tokens: 2000
+  max_steps: 240
+  warmup: 60
+  lr_scale: 0.3
+  val_every: 80
+  save_every: 80
+  keep_last: 3
+  log_every: 10
+decode:
+  beam: 2
+  average_last: 2
+"""
+
+
+@pytest.fixture
+def toy_run(tmp_path):
+    """(data directory, recipe path) for a tiny model on the toy corpus."""
+    data_dir = write_toy_corpus(tmp_path / "data")
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(TOY_RECIPE)
+    return data_dir, recipe

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -111,7 +114,7 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
     checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
               "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
               "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
-              "None": lambda v: v is None}
+              "dict": lambda v: isinstance(v, dict), "None": lambda v: v is None}
     if any(checks[t](value) for t in allowed if t in checks):
         return
     raise ConfigError(f"{name}={value!r} has type {type(value).__name__}; expected {annotation}")
@@ -138,3 +141,178 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset_names() -> list[str]:
     return list(PRESETS)
+
+
+# -- Recipes: what to train on, how, and how to decode ---------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    task: str = "translation"  # translation | lm (next-token prediction on tgt_lang text, decoder-only)
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    # A corpus is a file pattern relative to the data directory, e.g. "multi30k/train.{lang}.gz" (plain, .gz,
+    # IWSLT .xml or WMT .sgm), or a Hugging Face datasets spec {hub: wmt14, config: de-en, split: train}.
+    train: str | dict | None = None
+    valid: str | dict | None = None
+    test: str | dict | None = None
+    max_len: int = 256  # training pairs with a side longer than this (in tokens) are dropped, and counted
+    block_size: int = 128  # lm: tokens per training sequence; lines are packed into blocks
+
+
+@dataclass
+class TokenizerConfig:
+    type: str = "bpe"  # bpe | unigram (sentencepiece), one joint model for source and target
+    vocab_size: int = 8000
+    character_coverage: float = 1.0
+    max_sentences: int = 2_000_000  # larger corpora are sampled (seeded) for tokenizer training
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1
+    max_tokens: int = 4096  # per batch and device, padding included
+    accumulate: int = 1  # batches per optimizer step: max_tokens x devices x accumulate ~ the paper's 25k
+    max_steps: int = 100_000
+    max_epochs: int | None = None
+    # lr = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)  (Section 5.3)
+    lr_scale: float = 1.0
+    warmup: int = 4000
+    adam_betas: list | None = None  # None: the paper's (0.9, 0.98)
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 0.0  # 0: no gradient clipping
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed (Lightning's names)
+    val_every: int = 1000  # steps between validations (0: once per epoch)
+    val_bleu: str = "greedy"  # greedy | beam | none: how validation BLEU decodes
+    val_max_sentences: int = 0  # 0: the whole validation set
+    save_every: int = 1000  # steps between the checkpoints kept for averaging
+    keep_last: int = 5  # how many of those to keep
+    log_every: int = 50
+    compile: bool = False
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+
+
+@dataclass
+class DecodeConfig:
+    beam: int = 4
+    lenpen: float = 0.6
+    lp_form: str = "gnmt"  # gnmt: ((5+|Y|)/6)^a as in the paper; length: |Y|^a as fairseq/HF/CTranslate2
+    max_len_a: float = 1.0
+    max_len_b: int = 50
+    average_last: int = 5  # checkpoints averaged for the final model (the paper: 5 base, 20 big)
+    batch_tokens: int = 8192
+
+
+SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "train": TrainConfig, "decode": DecodeConfig}
+FORMAT_VERSION = 1  # of config.yaml in a run directory
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    train: TrainConfig
+    decode: DecodeConfig
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "recipe") -> "Recipe":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        raw = {k: v for k, v in raw.items() if k != "format_version"}
+        unknown = sorted(set(raw) - {"model", *SECTIONS})
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; valid sections: model, "
+                              f"{', '.join(SECTIONS)}")
+        model = dict(raw.get("model") or {})
+        preset = model.pop("preset", None)
+        try:
+            model_cfg = ModelConfig.from_name(preset, **model) if preset else ModelConfig.from_dict(model)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: model: {e}") from None
+        sections = {name: _section(kind, raw.get(name) or {}, f"{source}: {name}") for name, kind in SECTIONS.items()}
+        recipe = cls(model=model_cfg, **sections)
+        recipe.validate(source)
+        return recipe
+
+    def validate(self, source: str = "recipe") -> None:
+        t, d = self.train, self.decode
+        checks = [
+            (self.data.task in ("translation", "lm"), f"data.task={self.data.task!r}: expected translation or lm"),
+            (self.data.task != "lm" or self.model.arch == "decoder_only",
+             "data.task=lm needs a decoder-only model (model.arch: decoder_only, e.g. preset lm_small)"),
+            (self.data.task != "lm" or 1 < self.data.block_size < self.model.max_positions,
+             f"data.block_size={self.data.block_size} must lie below model.max_positions={self.model.max_positions}"),
+            (self.data.task != "translation" or self.model.arch == "encoder_decoder",
+             "data.task=translation with a decoder-only model is not supported yet; use arch encoder_decoder"),
+            (self.tokenizer.type in ("bpe", "unigram"), f"tokenizer.type={self.tokenizer.type!r}: expected bpe or unigram"),
+            (t.precision in ("32", "bf16-mixed", "16-mixed", "bf16-true"), f"train.precision={t.precision!r}: "
+             "expected 32, bf16-mixed or 16-mixed"),
+            (t.val_bleu in ("greedy", "beam", "none"), f"train.val_bleu={t.val_bleu!r}: expected greedy, beam or none"),
+            (d.lp_form in ("gnmt", "length"), f"decode.lp_form={d.lp_form!r}: expected gnmt or length"),
+            (t.max_tokens > 0 and t.accumulate > 0 and t.warmup > 0 and t.max_steps > 0,
+             "train.max_tokens, accumulate, warmup and max_steps must be positive"),
+            (0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must lie in [0, 1)"),
+            (d.beam >= 1, f"decode.beam={d.beam} must be at least 1"),
+            (self.tokenizer.vocab_size >= 8, f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small"),
+            (t.adam_betas is None or (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas)),
+             f"train.adam_betas={t.adam_betas}: expected two numbers in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{source}: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format_version": FORMAT_VERSION, "model": self.model.to_dict()}
+        out.update({name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS})
+        return out
+
+
+def _section(kind: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
+    for name, value in values.items():
+        try:
+            _check_type(name, value, known[name].type)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return kind(**values)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply 'section.key=value' strings (values parsed as YAML) to a raw recipe mapping."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().lstrip("-").split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.max_tokens=8192")
+        section, name = parts
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"override {item!r}: section {section!r} is not a mapping")
+        raw[section][name] = yaml.safe_load(value)
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    version = raw.get("format_version", FORMAT_VERSION) if isinstance(raw, dict) else FORMAT_VERSION
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"{path}: written by a translator with config format {version}; this one reads "
+                          f"format {FORMAT_VERSION}")
+    return Recipe.from_dict(apply_overrides(raw, list(overrides)), source=str(path))

@@ -1,0 +1,200 @@
+import glob
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from translator import build_model
+from translator.checkpoint import load_model, read_weights
+from translator.cli import main
+from translator.config import load_recipe
+from translator.data import read_lines
+from translator.inference import translate_ids
+from translator.training import fit, inverse_sqrt_lr, label_smoothed_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_learning_rate_follows_the_paper():
+    lr = inverse_sqrt_lr(d_model=512, warmup=4000)
+    peak = 512 ** -0.5 * 4000 ** -0.5
+    assert lr(4000) == pytest.approx(peak)
+    assert lr(2000) == pytest.approx(peak / 2)  # linear warmup
+    assert lr(16000) == pytest.approx(peak / 2)  # inverse square root decay
+    assert inverse_sqrt_lr(512, 4000, scale=2.0)(100) == pytest.approx(2 * lr(100))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_smoothed_loss_matches_torch_and_its_gradient(dtype):
+    logits = torch.randn(3, 5, 40, dtype=torch.float32).to(dtype).requires_grad_()
+    target = torch.randint(1, 40, (3, 5))
+    target[0, 3:] = 0
+    loss, nll = label_smoothed_loss(logits, target, 0.1, pad_id=0)
+    loss.backward()
+    reference = logits.detach().float().requires_grad_()
+    expected = F.cross_entropy(reference.view(-1, 40), target.view(-1), ignore_index=0, label_smoothing=0.1,
+                               reduction="sum")
+    expected.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert loss.item() == pytest.approx(expected.item(), rel=tol)
+    assert nll.item() == pytest.approx(F.cross_entropy(reference.view(-1, 40), target.view(-1), ignore_index=0,
+                                                       reduction="sum").item(), rel=tol)
+    assert logits.grad.dtype == dtype
+    torch.testing.assert_close(logits.grad.float(), reference.grad, atol=tol, rtol=tol)
+    assert (logits.grad[0, 3:] == 0).all()  # padding takes no gradient
+
+
+def val_losses(run_dir):
+    import csv
+
+    rows = []
+    for path in sorted(Path(run_dir, "logs").glob("version_*/metrics.csv")):
+        rows += [r for r in csv.DictReader(open(path)) if r.get("val/loss")]
+    return [(int(r["step"]), float(r["val/loss"]), float(r["val/bleu"])) for r in rows]
+
+
+def test_training_lowers_validation_loss_and_leaves_a_loadable_run(toy_run, tmp_path):
+    import sacrebleu
+
+    data_dir, recipe_path = toy_run
+    run = fit(load_recipe(recipe_path), tmp_path / "run", data_dir=str(data_dir), progress_bar=False)
+    history = val_losses(run)
+    assert [step for step, _, _ in history] == [79, 159, 239]
+    assert history[-1][1] < 0.3 * history[0][1], history
+    assert history[-1][2] > 50 > history[0][2], history  # validation BLEU
+    for name in ("config.yaml", "spm.model", "model.safetensors", "model.json", "checkpoints/last.ckpt",
+                 "checkpoints/best.ckpt", "checkpoints/step0000240.ckpt"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "checkpoints").glob("step*.ckpt"))) == 3  # keep_last
+    # The run directory alone gives a working translator.
+    model, tokenizer, recipe = load_model(run)
+    assert recipe.model.vocab_size == tokenizer.vocab_size == 400
+    src, ref = read_lines(data_dir / "toy/valid.en"), read_lines(data_dir / "toy/valid.de")
+    out = translate_ids(model, tokenizer.encode(src), recipe.decode)
+    assert sacrebleu.corpus_bleu(tokenizer.decode([o[0] for o in out]), [ref]).score > 50
+
+
+def test_resume_continues_to_the_same_weights(toy_run, tmp_path):
+    data_dir, recipe_path = toy_run
+    straight = fit(load_recipe(recipe_path), tmp_path / "a", data_dir=str(data_dir), max_steps=30, progress_bar=False)
+    fit(load_recipe(recipe_path), tmp_path / "b", data_dir=str(data_dir), max_steps=13, progress_bar=False)
+    resumed = fit(load_recipe(recipe_path), tmp_path / "b", data_dir=str(data_dir), max_steps=30, resume=True,
+                  progress_bar=False)
+    a, b = read_weights(straight / "checkpoints/last.ckpt"), read_weights(resumed / "checkpoints/last.ckpt")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    with pytest.raises(Exception, match="already holds a run; pass --resume"):
+        fit(load_recipe(recipe_path), tmp_path / "b", data_dir=str(data_dir), max_steps=60, progress_bar=False)
+
+
+def test_two_process_ddp_on_cpu_through_the_cli(toy_run, tmp_path):
+    data_dir, recipe_path = toy_run
+    run = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, "-m", "translator.cli", "train", "--config", str(recipe_path), "--data-dir", str(data_dir),
+         "--out", str(run), "--max-steps", "6", "--device", "cpu", "--devices", "2", "--strategy", "ddp",
+         "--no-progress", "--train.val_every=3", "--train.save_every=3"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 6
+    assert val_losses(run)  # validation ran, its loss gathered over both ranks
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "recipes" / "**" / "*.yaml"), recursive=True)))
+def test_every_recipe_parses_and_builds_its_model(path):
+    recipe = load_recipe(path)
+    text = Path(path).read_text()
+    assert text.startswith("#") and "translator " in text.split("\n\n")[0]  # opens with data needed and command
+    recipe.model.vocab_size = recipe.tokenizer.vocab_size
+    with torch.device("meta"):
+        model = build_model(recipe.model)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_recipes_cover_the_paper_and_the_benchmarks():
+    names = {str(Path(p).relative_to(ROOT / "recipes")) for p in glob.glob(str(ROOT / "recipes/**/*.yaml"), recursive=True)}
+    assert {"multi30k/en_de.yaml", "multi30k/de_en.yaml", "iwslt14/de_en.yaml", "wmt14/en_de_base.yaml",
+            "wmt14/en_de_big.yaml", "lm/multi30k_de.yaml"} <= names
+
+
+# -- Bad input: one clear line, non-zero exit ---------------------------------------------------------------
+
+def run_cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("mismatch", "has 2000 lines but .* has 1999"),
+    ("missing", r"missing file\(s\) .*train.de"),
+    ("not_utf8", r"train.de:5: not valid UTF-8"),
+    ("empty", "empty corpus"),
+    ("unknown_key", r"train: unknown key\(s\) max_tokns; valid keys: seed, max_tokens"),
+    ("bad_type", r"max_tokens='lots' has type str; expected int"),
+])
+def test_bad_input_is_one_clear_error(toy_run, tmp_path, capsys, breakage, message):
+    import re
+
+    data_dir, recipe_path = toy_run
+    de = data_dir / "toy" / "train.de"
+    overrides = []
+    if breakage == "mismatch":
+        de.write_text("".join(line + "\n" for line in read_lines(de)[:-1]))
+    elif breakage == "missing":
+        de.unlink()
+    elif breakage == "not_utf8":
+        lines = de.read_bytes().split(b"\n")
+        lines[4] = b"kaputt \xc3\x28"
+        de.write_bytes(b"\n".join(lines))
+    elif breakage == "empty":
+        de.write_text("")
+        (data_dir / "toy" / "train.en").write_text("")
+    elif breakage == "unknown_key":
+        overrides = ["--train.max_tokns=5"]
+    elif breakage == "bad_type":
+        overrides = ["--train.max_tokens=lots"]
+    code, err = run_cli(["train", "--config", str(recipe_path), "--data-dir", str(data_dir), "--out",
+                         str(tmp_path / "run"), "--no-progress", *overrides], capsys)
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("translator: error:")]
+    assert len(lines) == 1 and re.search(message, lines[0]), err
+    assert "Traceback" not in err
+
+
+def test_language_model_perplexity_falls_on_held_out_text(tmp_path):
+    import csv
+    import random
+
+    from .conftest import DE
+
+    # Lines walk a fixed cycle of words from a random start: only the first word of a line is uncertain.
+    rng = random.Random(0)
+    (tmp_path / "text").mkdir()
+    for split, n in (("train", 1500), ("valid", 100)):
+        lines = []
+        for _ in range(n):
+            k = rng.randrange(len(DE))
+            lines.append(" ".join(DE[(k + i) % len(DE)] for i in range(rng.randint(4, 12))))
+        (tmp_path / "text" / f"{split}.de").write_text("".join(line + "\n" for line in lines))
+    recipe = tmp_path / "lm.yaml"
+    recipe.write_text("""
+model: {preset: lm_tiny, d_model: 64, d_ff: 128, n_heads: 4}
+data: {task: lm, tgt_lang: de, train: "text/train.{lang}", valid: "text/valid.{lang}", block_size: 32}
+tokenizer: {vocab_size: 400}
+train: {max_tokens: 1024, max_steps: 60, warmup: 30, lr_scale: 0.5, val_every: 10, save_every: 30,
+        label_smoothing: 0.0}
+decode: {average_last: 1}
+""")
+    run = fit(load_recipe(recipe), tmp_path / "lm", data_dir=str(tmp_path), progress_bar=False)
+    rows = [r for r in csv.DictReader(open(next((run / "logs").glob("version_*/metrics.csv")))) if r.get("val/ppl")]
+    ppl = [float(r["val/ppl"]) for r in rows]
+    assert len(ppl) == 6 and ppl[-1] < 0.2 * ppl[0] and ppl[-1] < 3, ppl
+    model, _, recipe = load_model(run)
+    assert model.cfg.arch == "decoder_only" and recipe.data.task == "lm"

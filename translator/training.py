@@ -1,0 +1,349 @@
+"""Training with PyTorch Lightning: a thin LightningModule around the model, a DataModule, and `fit`.
+
+Teacher forcing (decoder input = target shifted right behind BOS), label-smoothed cross-entropy that
+ignores padding, Adam (0.9, 0.98, 1e-9) with the paper's warmup / inverse square root schedule,
+validation loss, perplexity and sacreBLEU. Distribution (DDP, FSDP, several nodes) is Lightning's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from .checkpoint import (CHECKPOINTS, TOKENIZER, AtomicCheckpointIO, CheckpointError, export_weights, read_recipe,
+                         write_recipe)
+from .config import Recipe
+from .data import (BlockBatches, Corpus, ResumableBatches, TokenBatches, Tokenizer, encode_corpus, load_corpus,
+                   load_text, pack_blocks)
+from .inference import translate_ids
+from .model import build_model
+
+log = logging.getLogger(__name__)
+
+
+class _LabelSmoothedCrossEntropy(torch.autograd.Function):
+    """Label-smoothed cross-entropy with its gradient written out, softmax - smoothed one-hot: two passes
+    over the (tokens x vocabulary) logits each way instead of autograd's eight (log_softmax, gather, mean and
+    their backwards), which dominate a small model's step on a CPU."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, epsilon: float, pad_id: int):
+        logits32 = logits.float()
+        lse = torch.logsumexp(logits32, dim=-1)
+        nll = lse - logits32.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        smooth = lse - logits32.mean(dim=-1)
+        keep = (target != pad_id).float()  # a multiplication, not boolean indexing: no host sync
+        loss = ((1.0 - epsilon) * nll + epsilon * smooth) * keep
+        ctx.save_for_backward(logits, target, lse, keep)
+        ctx.epsilon = epsilon
+        nll_sum = (nll * keep).sum()
+        ctx.mark_non_differentiable(nll_sum)
+        return loss.sum(), nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
+        logits, target, lse, keep = ctx.saved_tensors
+        eps, vocab = ctx.epsilon, logits.size(-1)
+        scale = (grad_loss * keep).unsqueeze(-1)  # (N, 1)
+        grad = torch.exp(logits.float() - lse.unsqueeze(-1)).sub_(eps / vocab).mul_(scale)
+        grad.scatter_add_(-1, target.unsqueeze(-1), -(1.0 - eps) * scale)
+        return grad.to(logits.dtype), None, None, None
+
+
+def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over non-pad target tokens of the label-smoothed loss (Section 5.4) and of the plain NLL (not
+    differentiable). Smoothing spreads epsilon uniformly over the vocabulary, as torch's cross_entropy does."""
+    vocab = logits.size(-1)
+    return _LabelSmoothedCrossEntropy.apply(logits.reshape(-1, vocab), target.reshape(-1), epsilon, pad_id)
+
+
+def inverse_sqrt_lr(d_model: int, warmup: int, scale: float = 1.0):
+    """lrate = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step counting from 1 (Section 5.3)."""
+    def lr(step: int) -> float:
+        step = max(step, 1)
+        return scale * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+    return lr
+
+
+class TranslationModule(L.LightningModule):
+    """The model, its loss and optimizer, and validation with BLEU. Holds no data logic."""
+
+    def __init__(self, recipe: dict[str, Any], tokenizer_file: str | None = None,
+                 references: list[str] | None = None):
+        super().__init__()
+        self.save_hyperparameters({"recipe": recipe})
+        self.recipe = Recipe.from_dict(recipe)
+        self.model = build_model(self.recipe.model)
+        self.tokenizer = Tokenizer(tokenizer_file) if tokenizer_file else None
+        self.references = references or []  # validation targets, by line
+        self._last_step_time: float | None = None
+        self._val: dict[str, Any] = {}
+        self.data_position: tuple[int, int] | None = None  # (epoch, index) of the last batch trained
+        self.resume_position: tuple[int, int] | None = None  # where a resumed run's data continues
+
+    # -- training ------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "src" in batch:  # translation, teacher-forced
+            return self.model(batch["src"], batch["tgt_in"])
+        return self.model(batch["tgt_in"])  # next-token prediction
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        cfg = self.recipe.model
+        loss_sum, nll_sum = label_smoothed_loss(self(batch), batch["tgt_out"], self.recipe.train.label_smoothing, cfg.pad_id)
+        ntokens = batch["ntokens"]
+        self.data_position = batch.get("position")
+        loss = loss_sum / ntokens
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("tok_s", ntokens * self.trainer.world_size / (now - self._last_step_time), prog_bar=True)
+        self._last_step_time = now
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/nll", nll_sum / ntokens)
+        self.log("global_step", float(self.global_step))
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None and not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; stopping (the last good "
+                                     "checkpoint is kept). Lower train.lr_scale or raise train.warmup.")
+
+    def configure_optimizers(self):
+        t = self.recipe.train
+        betas = tuple(t.adam_betas) if t.adam_betas else (0.9, 0.98)
+        fused = self.device.type == "cuda"
+        cls = torch.optim.AdamW if t.weight_decay else torch.optim.Adam
+        optimizer = cls(self.parameters(), lr=1.0, betas=betas, eps=t.adam_eps, weight_decay=t.weight_decay,
+                        fused=fused or None)
+        lr = inverse_sqrt_lr(self.recipe.model.d_model, t.warmup, t.lr_scale)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr(step + 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- exact resume ----------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()  # dropout masks continue where they stopped
+        if self.data_position is not None:  # the next batch to train
+            checkpoint["data_position"] = [self.data_position[0], self.data_position[1] + 1]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+        if "data_position" in checkpoint:
+            self.resume_position = tuple(checkpoint["data_position"])
+
+    # -- validation --------------------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"nll": torch.zeros((), device=self.device), "tokens": 0, "hyps": {}}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        cfg = self.recipe.model
+        _, nll_sum = label_smoothed_loss(self(batch), batch["tgt_out"], 0.0, cfg.pad_id)
+        self._val["nll"] += nll_sum
+        self._val["tokens"] += batch["ntokens"]
+        mode = self.recipe.train.val_bleu
+        if mode != "none" and "src" in batch and self.tokenizer is not None and self.references:
+            src = [row[row != cfg.pad_id][:-1].tolist() for row in batch["src"]]  # drop padding and EOS
+            out = translate_ids(self.model, src, self.recipe.decode, mode=mode)
+            texts = self.tokenizer.decode([o[0] for o in out])
+            self._val["hyps"].update(zip(batch["index"].tolist(), texts))
+
+    def on_validation_epoch_end(self) -> None:
+        totals = torch.stack([self._val["nll"].float(), torch.tensor(float(self._val["tokens"]), device=self.device)])
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        if totals[1] > 0:
+            loss = (totals[0] / totals[1]).item()
+            self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+            self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+        hyps = self._val["hyps"]
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[dict[int, str]] = [{} for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, hyps)
+            hyps = {k: v for part in gathered for k, v in part.items()}
+        if hyps:
+            lines = sorted(hyps)
+            bleu = sacrebleu.corpus_bleu([hyps[i] for i in lines], [[self.references[i] for i in lines]])
+            self.log("val/bleu", bleu.score, prog_bar=True, sync_dist=False)
+
+
+class RunData(L.LightningDataModule):
+    """Loaders built once Lightning knows this process's rank; the training loader resumes mid-epoch."""
+
+    def __init__(self, make_train: Callable[[int, int], ResumableBatches],
+                 make_valid: Callable[[int, int], ResumableBatches] | None):
+        super().__init__()
+        self.make_train, self.make_valid = make_train, make_valid
+
+    def train_dataloader(self) -> ResumableBatches:
+        loader = self.make_train(self.trainer.global_rank, self.trainer.world_size)
+        loader.resume_at = self.trainer.lightning_module.resume_position  # restored before loaders are built
+        return loader
+
+    def val_dataloader(self) -> ResumableBatches | list:
+        return [] if self.make_valid is None else self.make_valid(self.trainer.global_rank, self.trainer.world_size)
+
+
+class ExportOnTrainEnd(Callback):
+    """At the end of training: save last.ckpt (also when stopped by max_steps or max_minutes mid-interval)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.run_dir / CHECKPOINTS / "last.ckpt", weights_only=False)
+
+
+def _quiet_lightning() -> None:
+    """Lightning's banners and tips are noise for this CLI; its warnings and errors still show."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        if logging.getLogger(name).level < logging.WARNING:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # Our loader resumes by itself (TokenBatches.resume_at), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+
+
+def _rank() -> int:
+    """This process's global rank as set by a launcher (Lightning's, torchrun, SLURM), before Lightning runs."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return int(os.environ.get("NODE_RANK", 0)) * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _wait_for(path: Path, seconds: float = 3600) -> None:
+    deadline = time.time() + seconds
+    while not path.is_file():
+        if time.time() > deadline:
+            raise TimeoutError(f"waited {seconds:.0f}s for rank 0 to write {path}")
+        time.sleep(1)
+
+
+def prepare_run(recipe: Recipe, run_dir: Path, data_dir: str | None, resume: bool) -> tuple[Recipe, Tokenizer, Any, Any]:
+    """Read the training and validation data; train the tokenizer (or reuse the run's); fill the vocabulary
+    size; write config.yaml. Returns the data as read: Corpus objects, or lists of lines for task lm."""
+    d = recipe.data
+    if d.train is None:
+        raise ValueError("the recipe names no training corpus (data.train)")
+    first = _rank() == 0
+    tokenizer_file = run_dir / TOKENIZER
+    if resume:
+        saved = read_recipe(run_dir)
+        recipe.model.vocab_size = saved.model.vocab_size
+        if saved.model != recipe.model:
+            raise CheckpointError(f"{run_dir}: the recipe's model differs from the run's {run_dir / 'config.yaml'}; "
+                                  "resume with the same model settings")
+    if d.task == "lm":
+        train = load_text(d.train, d.tgt_lang, data_dir)
+        valid = load_text(d.valid, d.tgt_lang, data_dir) if d.valid is not None else None
+        texts = train
+    else:
+        train = load_corpus(d.train, d.src_lang, d.tgt_lang, data_dir)
+        valid = load_corpus(d.valid, d.src_lang, d.tgt_lang, data_dir) if d.valid is not None else None
+        texts = train.src + train.tgt
+    if not tokenizer_file.is_file():
+        if first:
+            tk = recipe.tokenizer
+            log.info("training a %d-piece %s sentencepiece model on %d lines", tk.vocab_size, tk.type, len(texts))
+            Tokenizer.train(texts, tokenizer_file, tk.vocab_size, tk.type, tk.character_coverage, tk.max_sentences,
+                            seed=recipe.train.seed)
+        else:
+            _wait_for(tokenizer_file)
+    tokenizer = Tokenizer(tokenizer_file)
+    recipe.model.vocab_size = tokenizer.vocab_size
+    recipe.model.validate()
+    if first:
+        write_recipe(recipe, run_dir)
+    return recipe, tokenizer, train, valid
+
+
+def _loaders(recipe: Recipe, tokenizer: Tokenizer, train: Any, valid: Any):
+    """Tokenize once; return factories (rank, world) -> loader for training and validation, and the
+    validation references (translation) for BLEU."""
+    t, d = recipe.train, recipe.data
+    if d.task == "lm":
+        train_blocks = pack_blocks(tokenizer.encode(train), d.block_size)
+        valid_blocks = pack_blocks(tokenizer.encode(valid), d.block_size) if valid is not None else None
+        make_train = lambda rank, world: BlockBatches(train_blocks, t.max_tokens, True, t.seed, rank, world)
+        make_valid = None if valid_blocks is None else \
+            (lambda rank, world: BlockBatches(valid_blocks, t.max_tokens, False, rank=rank, world=world))
+        return make_train, make_valid, []
+    train_enc = encode_corpus(train, tokenizer, max_len=min(d.max_len, recipe.model.max_positions))
+    make_train = lambda rank, world: TokenBatches(train_enc, t.max_tokens, True, t.seed, rank, world)
+    if valid is None:
+        return make_train, None, []
+    n = t.val_max_sentences or len(valid)
+    valid = Corpus(valid.src[:n], valid.tgt[:n], valid.name)
+    valid_enc = encode_corpus(valid, tokenizer)
+    make_valid = lambda rank, world: TokenBatches(valid_enc, t.max_tokens, False, rank=rank, world=world)
+    return make_train, make_valid, valid.tgt
+
+
+def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None, resume: bool = False,
+        max_steps: int | None = None, max_minutes: float | None = None, accelerator: str | None = None,
+        devices: int | str | None = None, num_nodes: int | None = None, strategy: str | None = None,
+        progress_bar: bool = True) -> Path:
+    """Train a recipe into run_dir (created, or resumed from its last.ckpt). Returns the run directory."""
+    run_dir = Path(run_dir)
+    t = recipe.train
+    _quiet_lightning()
+    last = run_dir / CHECKPOINTS / "last.ckpt"
+    if resume and not last.is_file():
+        raise CheckpointError(f"{run_dir}: nothing to resume (no {CHECKPOINTS}/last.ckpt)")
+    if not resume and _rank() == 0 and (last.is_file() or any(run_dir.glob(f"{CHECKPOINTS}/*.ckpt"))):
+        raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    recipe, tokenizer, train, valid = prepare_run(recipe, run_dir, data_dir, resume)
+    make_train, make_valid, references = _loaders(recipe, tokenizer, train, valid)
+    module = TranslationModule(recipe.to_dict(), str(run_dir / TOKENIZER), references)
+    if t.compile:
+        module.model = torch.compile(module.model)
+
+    bleu = references and t.val_bleu != "none"
+    monitor = ("val/bleu", "max") if bleu else ("val/loss", "min")
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=t.save_every, save_top_k=t.keep_last, monitor="step", mode="max"),
+        ExportOnTrainEnd(run_dir),
+    ]
+    if make_valid is not None:
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor=monitor[0],
+                                         mode=monitor[1], save_top_k=1, auto_insert_metric_name=False,
+                                         enable_version_counter=False))
+    trainer = L.Trainer(
+        default_root_dir=run_dir, max_steps=max_steps if max_steps is not None else t.max_steps,
+        max_epochs=t.max_epochs if t.max_epochs is not None else -1,
+        max_time={"minutes": max_minutes} if max_minutes else None,
+        accelerator=accelerator or t.accelerator, devices=devices if devices is not None else t.devices,
+        num_nodes=num_nodes or t.num_nodes, strategy=strategy or t.strategy, precision=t.precision,
+        accumulate_grad_batches=t.accumulate, gradient_clip_val=t.clip_norm or None,
+        val_check_interval=t.val_every * t.accumulate if t.val_every else None,
+        check_val_every_n_epoch=None if t.val_every else 1, num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every, callbacks=callbacks, enable_progress_bar=progress_bar,
+        # One version_N folder per (re)start, so a resume never overwrites earlier logs.
+        logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
+        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, enable_model_summary=False,
+    )
+    data = RunData(make_train, make_valid)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
+    if trainer.is_global_zero:
+        export_weights(run_dir, recipe.decode.average_last)
+    return run_dir
