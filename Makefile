@@ -1,10 +1,45 @@
-# Thin targets: each calls the CLI (or pytest). Variables: PYTHON, DATA, DEVICE, RECIPE, RUN.
-PYTHON ?= python
+# Thin targets: each calls the translator CLI (or pytest). Override variables on the command line:
+#   make train RECIPE=recipes/multi30k/de_en.yaml DEVICE=cuda
+PYTHON  ?= python
+DATA    ?= ../shared/data
+DEVICE  ?= auto
+RECIPE  ?= recipes/multi30k/en_de.yaml
+RUN     ?= runs/$(basename $(notdir $(RECIPE)))
+SPLIT   ?= test
+LAST    ?= 5
+INPUT   ?= /dev/stdin
+OUTPUT  ?= /dev/stdout
+HYP     ?= $(RUN)/eval/$(SPLIT).hyp.de
+REF     ?= $(RUN)/eval/$(SPLIT).ref.de
+DEMO_RUN     ?= runs/demo_multi30k_en_de
+DEMO_MINUTES ?= 12
 
-.PHONY: install test
+.PHONY: install test demo train translate score evaluate average
 
 install:
 	$(PYTHON) -m pip install torch==2.13.0 -e ".[test]"
 
 test:
 	$(PYTHON) -m pytest -q
+
+# Train the Multi30k en->de recipe on the CPU for DEMO_MINUTES, then translate test2016 and print sacreBLEU.
+demo:
+	rm -rf $(DEMO_RUN)
+	translator train --config recipes/multi30k/en_de.yaml --data-dir $(DATA) --out $(DEMO_RUN) \
+		--device cpu --max-minutes $(DEMO_MINUTES)
+	translator evaluate --model $(DEMO_RUN) --split test --data-dir $(DATA) --device cpu
+
+train:
+	translator train --config $(RECIPE) --data-dir $(DATA) --out $(RUN) --device $(DEVICE)
+
+translate:
+	translator translate --model $(RUN) -i $(INPUT) -o $(OUTPUT) --device $(DEVICE)
+
+evaluate:
+	translator evaluate --model $(RUN) --split $(SPLIT) --data-dir $(DATA) --device $(DEVICE)
+
+score:
+	translator score --hyp $(HYP) --ref $(REF) --metrics bleu chrf
+
+average:
+	translator average --model $(RUN) --last $(LAST) -o $(RUN)/model.safetensors

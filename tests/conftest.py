@@ -79,3 +79,16 @@ def toy_run(tmp_path):
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(TOY_RECIPE)
     return data_dir, recipe
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory):
+    """A toy translation run trained once per test session (about 15 s): a run directory and its data dir."""
+    from translator.config import load_recipe
+    from translator.training import fit
+
+    root = tmp_path_factory.mktemp("toy_model")
+    data_dir = write_toy_corpus(root / "data")
+    (root / "toy.yaml").write_text(TOY_RECIPE)
+    run = fit(load_recipe(root / "toy.yaml"), root / "run", data_dir=str(data_dir), progress_bar=False)
+    return run, data_dir

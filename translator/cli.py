@@ -6,14 +6,22 @@ Errors print as one line (`translator: error: ...`) with a non-zero exit; `--deb
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Iterable, Iterator, TextIO
+
+log = logging.getLogger("translator")
 
 EXAMPLES = {
     "train": "translator train --config recipes/multi30k/en_de.yaml --data-dir ../shared/data --out runs/en_de",
+    "translate": "translator translate --model runs/en_de -i test.en -o test.hyp.de --beam 4",
+    "score": "translator score --hyp test.hyp.de --ref test.de --metrics bleu chrf",
+    "evaluate": "translator evaluate --model runs/en_de --split test --data-dir ../shared/data",
+    "average": "translator average --model runs/en_de --last 5 -o runs/en_de/model.safetensors",
 }
 
 
@@ -27,15 +35,17 @@ def _device(name: str) -> str:
     return name
 
 
+# -- train -------------------------------------------------------------------------------------------------------
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import load_recipe
     from .training import fit
 
-    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    if args.resume and args.config is None:
-        args.config = str(run_dir / "config.yaml")
+    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config or "run").stem
     if args.config is None:
-        raise ValueError("train needs --config RECIPE.yaml (or --resume with --out RUN_DIR)")
+        if not args.resume:
+            raise ValueError("train needs --config RECIPE.yaml (or --resume with --out RUN_DIR)")
+        args.config = str(run_dir / "config.yaml")
     recipe = load_recipe(args.config, overrides)
     accelerator = {"auto": None, "cpu": "cpu", "cuda": "gpu"}[args.device]
     fit(recipe, run_dir, data_dir=args.data_dir, resume=args.resume, max_steps=args.max_steps,
@@ -45,15 +55,271 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# -- translate ---------------------------------------------------------------------------------------------------
+
+def _read_input(path: str | None) -> Iterator[str]:
+    """Lines of a UTF-8 file or stdin, split on '\\n' only (never on the other characters Python's splitlines
+    treats as breaks), with a clear error naming the line on bad bytes."""
+    stream = open(path, "rb") if path and path != "-" else sys.stdin.buffer
+    name = path if path and path != "-" else "<stdin>"
+    try:
+        for number, raw in enumerate(stream, 1):
+            try:
+                yield raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{name}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); nothing was written for this line or after it") from None
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Output:
+    """stdout, or a file written to a temporary name and renamed when complete (never half-written)."""
+
+    def __init__(self, path: str | None):
+        self.path = Path(path) if path and path != "-" else None
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}") if self.path else None
+
+    def __enter__(self) -> TextIO:
+        self.stream = open(self.tmp, "w", encoding="utf-8", newline="\n") if self.tmp else sys.stdout
+        return self.stream
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.tmp is None:
+            self.stream.flush()
+            return
+        self.stream.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _one_line(text: str) -> str:
+    # Byte-fallback pieces can decode to line breaks; a translation must stay on its line.
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "beam", nbest: int = 1,
+                    sampling: dict | None = None, generator=None) -> tuple[list[list[str]], int]:
+    """Translate raw lines: empty or whitespace-only lines give empty output without touching the model;
+    sources longer than the model's positions are truncated. Returns, per line, `nbest` translations,
+    and how many lines were truncated."""
+    from .inference import translate_ids
+
+    limit = model.cfg.max_positions - 1  # room for the source EOS
+    texts = [line.strip() for line in lines]
+    todo = [i for i, text in enumerate(texts) if text]
+    ids = tokenizer.encode([texts[i] for i in todo])
+    truncated = sum(len(x) > limit for x in ids)
+    outputs = translate_ids(model, [x[:limit] for x in ids], options, mode=mode, nbest=nbest, sampling=sampling,
+                            generator=generator)
+    results: list[list[str]] = [[""] * nbest for _ in lines]
+    for i, hyps in zip(todo, outputs):
+        results[i] = [_one_line(t) for t in tokenizer.decode(hyps)]
+    return results, truncated
+
+
+def _decode_options(recipe, args):
+    import dataclasses
+
+    options = dataclasses.replace(recipe.decode)
+    for name, attr in (("beam", "beam"), ("lenpen", "lenpen"), ("lp_form", "lp_form"), ("max_len_a", "max_len_a"),
+                       ("max_len_b", "max_len_b"), ("batch_tokens", "batch_tokens")):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(options, attr, value)
+    if options.beam < 1 or options.batch_tokens < 1:
+        raise ValueError("--beam and --batch-tokens must be positive")
+    return options
+
+
+def _load_for_translation(args):
+    from .checkpoint import load_model
+
+    model, tokenizer, recipe = load_model(args.model, _device(args.device))
+    if recipe.data.task == "lm":
+        raise ValueError(f"{args.model} is a language model; it does not translate")
+    return model, tokenizer, recipe
+
+
+def _mode(args, options) -> tuple[str, dict | None]:
+    if args.sample:
+        return "sample", {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    return ("greedy" if options.beam == 1 and args.nbest == 1 else "beam"), None
+
+
+def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    model, tokenizer, recipe = _load_for_translation(args)
+    options = _decode_options(recipe, args)
+    if args.nbest > options.beam and not args.sample:
+        raise ValueError(f"--nbest {args.nbest} exceeds --beam {options.beam}")
+    mode, sampling = _mode(args, options)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed) if args.sample else None
+    count = truncated = 0
+    with _Output(args.output) as out:
+        for chunk in _chunks(_read_input(args.input), args.chunk_lines):
+            results, cut = translate_lines(model, tokenizer, chunk, options, mode, 1 if args.sample else args.nbest,
+                                           sampling, generator)
+            for i, hyps in enumerate(results, count):
+                if args.nbest > 1 and not args.sample:  # Moses n-best format: id ||| text ||| rank
+                    out.writelines(f"{i} ||| {h} ||| {rank}\n" for rank, h in enumerate(hyps))
+                else:
+                    out.write(hyps[0] + "\n")
+            out.flush()
+            count += len(chunk)
+            truncated += cut
+    if truncated:
+        log.warning("translator: warning: %d of %d line(s) were longer than %d tokens and were truncated",
+                    truncated, count, model.cfg.max_positions - 1)
+    return 0
+
+
+# -- score -------------------------------------------------------------------------------------------------------
+
+METRICS = ("bleu", "chrf", "ter")
+
+
+def score_files(hyp: str, refs: list[str], metrics: list[str]) -> list:
+    """sacreBLEU scores of a hypothesis file against reference files, read as the sacrebleu CLI reads them."""
+    import sacrebleu
+
+    from .data import read_lines
+
+    hyps = [line.rstrip() for line in read_lines(hyp, strip=False)]
+    references = []
+    for ref in refs:
+        lines = [line.rstrip() for line in read_lines(ref, strip=False)]
+        if len(lines) != len(hyps):
+            raise ValueError(f"{hyp} has {len(hyps)} lines but {ref} has {len(lines)}")
+        references.append(lines)
+    kinds = {"bleu": sacrebleu.BLEU, "chrf": sacrebleu.CHRF, "ter": sacrebleu.TER}
+    results = []
+    for name in metrics:
+        metric = kinds[name]()
+        results.append((metric.corpus_score(hyps, references), metric.get_signature().format()))
+    return results
+
+
+def _print_scores(results, as_json: bool, width: int = 1) -> None:
+    lines = [score.format(width, False, signature, as_json) for score, signature in results]
+    if as_json and len(lines) > 1:
+        print(json.dumps([json.loads(line) for line in lines], indent=1, ensure_ascii=False))
+    else:
+        print("\n".join(lines))
+
+
+def cmd_score(args: argparse.Namespace, overrides: list[str]) -> int:
+    _print_scores(score_files(args.hyp, args.ref, args.metrics), args.json, args.width)
+    return 0
+
+
+# -- evaluate ----------------------------------------------------------------------------------------------------
+
+def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
+    import time
+
+    from .data import load_corpus
+
+    model, tokenizer, recipe = _load_for_translation(args)
+    spec = getattr(recipe.data, args.split)
+    if spec is None:
+        raise ValueError(f"the run's recipe names no {args.split} corpus (data.{args.split})")
+    corpus = load_corpus(spec, recipe.data.src_lang, recipe.data.tgt_lang, args.data_dir)
+    options = _decode_options(recipe, args)
+    start = time.perf_counter()
+    results, truncated = translate_lines(model, tokenizer, corpus.src, options, "greedy" if options.beam == 1 else "beam")
+    seconds = time.perf_counter() - start
+    run_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    out_dir = Path(args.out_dir) if args.out_dir else run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hyp_path, ref_path = out_dir / f"{args.split}.hyp.{recipe.data.tgt_lang}", out_dir / f"{args.split}.ref.{recipe.data.tgt_lang}"
+    hyp_path.write_text("".join(r[0] + "\n" for r in results), encoding="utf-8")
+    ref_path.write_text("".join(t + "\n" for t in corpus.tgt), encoding="utf-8")
+    scores = score_files(str(hyp_path), [str(ref_path)], args.metrics)
+    _print_scores(scores, args.json, args.width)
+    report = {"model": str(args.model), "split": args.split, "corpus": corpus.name, "sentences": len(corpus),
+              "beam": options.beam, "lenpen": options.lenpen, "lp_form": options.lp_form,
+              "seconds": round(seconds, 2), "truncated": truncated,
+              "scores": {s.name: {"score": s.score, "signature": sig, "text": s.format(2, False, sig)} for s, sig in scores}}
+    (out_dir / f"{args.split}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    log.info("translated %d sentences in %.1fs; hypotheses in %s", len(corpus), seconds, hyp_path)
+    return 0
+
+
+# -- average -----------------------------------------------------------------------------------------------------
+
+def cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
+    import shutil
+
+    from .checkpoint import CONFIG, TOKENIZER, WEIGHTS, average_weights, periodic_checkpoints, save_weights
+
+    run_dir = Path(args.model)
+    chosen = [Path(p) for p in args.checkpoints] if args.checkpoints else periodic_checkpoints(run_dir)[-args.last:]
+    if not chosen:
+        raise ValueError(f"{run_dir}: no periodic checkpoints (checkpoints/step*.ckpt) to average")
+    if not args.checkpoints and len(chosen) < args.last:
+        log.warning("translator: warning: only %d checkpoint(s) kept in %s; averaging those", len(chosen), run_dir)
+    out = Path(args.output)
+    weights = average_weights(chosen)
+    if out.suffix == ".safetensors":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(weights, out, {"averaged": ",".join(p.name for p in chosen)})
+    else:  # a self-contained model directory: config, tokenizer and weights
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (CONFIG, TOKENIZER):
+            shutil.copyfile(run_dir / name, out / name)
+        save_weights(weights, out / WEIGHTS, {"averaged": ",".join(p.name for p in chosen)})
+    print(f"averaged {len(chosen)} checkpoint(s) ({', '.join(p.name for p in chosen)}) into {out}")
+    return 0
+
+
+# -- the parser ----------------------------------------------------------------------------------------------------
+
+def _add_decoding(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (defaults: the run's recipe, decode section)")
+    g.add_argument("--beam", type=int, help="beam size; 1 is greedy (paper: 4)")
+    g.add_argument("--lenpen", type=float, help="length penalty alpha (paper: 0.6)")
+    g.add_argument("--lp-form", dest="lp_form", choices=["gnmt", "length"],
+                   help="gnmt: ((5+|Y|)/6)^alpha as in the paper; length: |Y|^alpha as fairseq/HF/CTranslate2")
+    g.add_argument("--max-len-a", dest="max_len_a", type=float, help="output limit a * source length + b: a")
+    g.add_argument("--max-len-b", dest="max_len_b", type=int, help="output limit a * source length + b: b")
+    g.add_argument("--batch-tokens", dest="batch_tokens", type=int, help="source tokens per batch")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="translator", description="The 2017 Transformer for machine translation.")
+    parser = argparse.ArgumentParser(
+        prog="translator", description="The 2017 Transformer for machine translation: train, translate, score.",
+        epilog="Run 'translator COMMAND --help' for each command's options.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model from a recipe",
-                       description="Train a recipe into a run directory. Any recipe value can be overridden with "
-                                   "--section.key=value (e.g. --train.max_tokens=8192).",
-                       epilog=f"example: {EXAMPLES['train']}")
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description, epilog=f"example:\n  {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback on errors")
+        return p
+
+    p = command("train", "train a model from a recipe",
+                "Train a recipe (recipes/*.yaml) into a run directory: config.yaml, spm.model, checkpoints/,\n"
+                "logs/, and model.safetensors (the average of the last checkpoints) at the end. Any recipe value\n"
+                "can be overridden as --section.key=value, e.g. --train.max_tokens=8192 --model.dropout=0.2.")
     p.add_argument("--config", help="recipe YAML (see recipes/)")
     p.add_argument("--data-dir", help="directory that the recipe's corpus paths are relative to")
     p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
@@ -66,16 +332,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     p.set_defaults(func=cmd_train)
+
+    p = command("translate", "translate a file (or stdin) line by line",
+                "Translate one sentence per line. Writes exactly one line per input line, in input order\n"
+                "(empty in, empty out), or with --nbest K > 1 the Moses n-best format 'i ||| text ||| rank'.")
+    p.add_argument("--model", required=True, help="run directory, or a .safetensors/.ckpt file inside one")
+    p.add_argument("-i", "--input", help="input file (default: stdin)")
+    p.add_argument("-o", "--output", help="output file, written when complete (default: stdout)")
+    p.add_argument("--nbest", type=int, default=1, help="hypotheses per sentence (at most --beam)")
+    p.add_argument("--chunk-lines", type=int, default=10000, help="lines read, translated and written at a time")
+    _add_decoding(p)
+    g = p.add_argument_group("sampling (instead of beam search)")
+    g.add_argument("--sample", action="store_true", help="sample translations instead of searching")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample among the smallest set with this mass")
+    g.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_translate)
+
+    p = command("score", "score translations with sacreBLEU",
+                "sacreBLEU (BLEU, chrF, TER) of a hypothesis file against one or more reference files,\n"
+                "each with its signature; the same numbers as the sacrebleu command on the same files.")
+    p.add_argument("--hyp", required=True, help="hypotheses, one per line")
+    p.add_argument("--ref", required=True, nargs="+", help="reference file(s), line-aligned with --hyp")
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=["bleu"])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--width", type=int, default=1, help="decimals printed (sacrebleu's default: 1)")
+    p.set_defaults(func=cmd_score)
+
+    p = command("evaluate", "translate a data split of the run's recipe and score it",
+                "Translate the source side of the recipe's valid or test corpus with the run's model, score it\n"
+                "with sacreBLEU, and save hypotheses and a JSON report under RUN_DIR/eval/.")
+    p.add_argument("--model", required=True, help="run directory, or a .safetensors/.ckpt file inside one")
+    p.add_argument("--split", choices=["test", "valid"], default="test")
+    p.add_argument("--data-dir", help="directory that the recipe's corpus paths are relative to")
+    p.add_argument("--out-dir", help="where to write hypotheses and the report (default: RUN_DIR/eval)")
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=["bleu", "chrf"])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--width", type=int, default=2, help="decimals printed")
+    _add_decoding(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = command("average", "average the last checkpoints of a run (the paper's checkpoint averaging)",
+                "Average the weights of the last N periodic checkpoints of a run (or the given ones). With -o\n"
+                "FILE.safetensors inside the run directory, translate --model FILE uses it; with -o DIR, DIR\n"
+                "becomes a self-contained model directory (config, tokenizer, weights).")
+    p.add_argument("--model", required=True, help="run directory")
+    p.add_argument("--last", type=int, default=5, help="how many of the latest checkpoints (paper: 5 base, 20 big)")
+    p.add_argument("--checkpoints", nargs="+", help="average exactly these .ckpt/.safetensors files instead")
+    p.add_argument("-o", "--output", required=True, help="a .safetensors file, or a directory")
+    p.set_defaults(func=cmd_average)
     return parser
 
 
 def _setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    ours = logging.getLogger("translator")
-    ours.addHandler(handler)
-    ours.setLevel(logging.DEBUG if debug else logging.INFO)
-    ours.propagate = False
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,16 +404,20 @@ def main(argv: list[str] | None = None) -> int:
     if overrides and args.command != "train":
         parser.error(f"recipe overrides ({overrides[0]}) only apply to train")
     if getattr(args, "devices", None) not in (None, "auto"):
-        args.devices = int(args.devices)
+        try:
+            args.devices = int(args.devices)
+        except ValueError:
+            parser.error(f"--devices {args.devices!r}: expected a number or auto")
     _setup_logging(args.debug)
     if not args.debug:
         warnings.filterwarnings("ignore", category=UserWarning)
-        os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
     try:
         return args.func(args, overrides)
     except KeyboardInterrupt:
         print("translator: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
     except Exception as e:  # one clear line; --debug for the trace
         if args.debug:
             raise

@@ -1,0 +1,141 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from translator.checkpoint import read_weights
+from translator.cli import build_parser, main
+
+from .conftest import shared_data
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_every_command_has_useful_help(capsys):
+    for command in ("train", "translate", "score", "evaluate", "average"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert "example:" in text and f"translator {command}" in text
+
+
+def test_translate_keeps_one_line_per_input_line_in_order(toy_model_dir, tmp_path, capsys):
+    run_dir, data_dir = toy_model_dir
+    ordinary = (data_dir / "toy/valid.en").read_text().splitlines()[:20]
+    long_line = " ".join(["dog", "runs", "on", "the", "ball"] * 400)  # 2,000 words
+    lines = [ordinary[0], "", ordinary[1], long_line, "   ", ordinary[2]] + ordinary[3:]
+    source = tmp_path / "in.en"
+    source.write_text("".join(line + "\n" for line in lines))
+    code, _, err = run(["translate", "--model", run_dir, "-i", source, "-o", tmp_path / "out.de", "--beam", 2], capsys)
+    assert code == 0, err
+    out = (tmp_path / "out.de").read_text().split("\n")
+    assert out[-1] == "" and len(out) - 1 == len(lines)
+    assert out[1] == "" and out[4] == ""  # empty and whitespace-only in, empty out
+    assert out[3] != ""  # the long line is translated (truncated), not dropped
+    assert "1 of 23 line(s) were longer than 127 tokens and were truncated" in err
+    # Order: each line translated on its own gives the same line.
+    for i in (0, 2, 3, 5, 10, 22):
+        single = tmp_path / "one.en"
+        single.write_text(lines[i] + "\n")
+        run(["translate", "--model", run_dir, "-i", single, "-o", tmp_path / "one.de", "--beam", 2], capsys)
+        assert (tmp_path / "one.de").read_text() == out[i] + "\n"
+
+
+def test_translate_reads_stdin_and_writes_stdout(toy_model_dir, tmp_path):
+    run_dir, _ = toy_model_dir
+    result = subprocess.run([sys.executable, "-m", "translator.cli", "translate", "--model", str(run_dir), "--beam", "1"],
+                            input="the dog runs\n\na cat\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[1] == "" and len(result.stdout.split("\n")) == 4
+
+
+def test_nbest_and_sampling(toy_model_dir, tmp_path, capsys):
+    run_dir, _ = toy_model_dir
+    source = tmp_path / "in.en"
+    source.write_text("the dog runs\na small cat\n")
+    code, out, _ = run(["translate", "--model", run_dir, "-i", source, "--beam", 3, "--nbest", 3], capsys)
+    rows = [line.split(" ||| ") for line in out.splitlines()]
+    assert code == 0 and [(r[0], r[2]) for r in rows] == [(str(i), str(k)) for i in range(2) for k in range(3)]
+    samples = [run(["translate", "--model", run_dir, "-i", source, "--sample", "--seed", seed, "--top-k", 5], capsys)[1]
+               for seed in (1, 1, 2)]
+    assert samples[0] == samples[1] and len(samples[0].splitlines()) == 2
+
+
+def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys):
+    run_dir, _ = toy_model_dir
+    bad = tmp_path / "bad.en"
+    bad.write_bytes(b"the dog\nthe \xfe cat\n")
+    code, _, err = run(["translate", "--model", run_dir, "-i", bad, "-o", tmp_path / "never.de"], capsys)
+    assert code == 1 and "bad.en:2: not valid UTF-8 (byte 0xfe at column 5)" in err and "Traceback" not in err
+    assert not (tmp_path / "never.de").exists()  # no half-written output
+    code, _, err = run(["translate", "--model", tmp_path / "nowhere"], capsys)
+    assert code == 1 and err.strip() == f"translator: error: {tmp_path / 'nowhere'}: no such run directory or checkpoint"
+
+
+def test_score_matches_the_sacrebleu_command(tmp_path, capsys):
+    refs = (shared_data("multi30k") / "test_2016_flickr.de.gz")
+    import gzip
+
+    lines = gzip.decompress(refs.read_bytes()).decode().splitlines()
+    hyp = tmp_path / "hyp.de"
+    # A plausible system: every other line loses its last word, every third swaps its first two words.
+    def perturb(i, words):
+        words = words[:-1] if i % 2 else words
+        return words[1::-1] + words[2:] if i % 3 == 0 else words
+    hyp.write_text("".join(" ".join(perturb(i, line.split())) + "\n" for i, line in enumerate(lines)))
+    ref = tmp_path / "ref.de"
+    ref.write_text("".join(line + "\n" for line in lines))
+    code, out, _ = run(["score", "--hyp", hyp, "--ref", ref, "--metrics", "bleu", "chrf", "--json"], capsys)
+    ours = json.loads(out)
+    theirs = json.loads(subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", str(hyp), "-m", "bleu", "chrf",
+                                        "-f", "json"], capture_output=True, text=True, check=True).stdout)
+    assert code == 0 and ours == theirs
+    assert 50 < ours[0]["score"] < 95 and ours[0]["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    code, out, _ = run(["score", "--hyp", hyp, "--ref", ref], capsys)
+    assert out.startswith("BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:") and f"= {ours[0]['score']:.1f} " in out
+    short = tmp_path / "short.de"
+    short.write_text("one line\n")
+    code, _, err = run(["score", "--hyp", short, "--ref", ref], capsys)
+    assert code == 1 and "has 1 lines but" in err
+
+
+def test_evaluate_translates_and_scores_a_split(toy_model_dir, tmp_path, capsys):
+    run_dir, data_dir = toy_model_dir
+    # The toy recipe has no test split; valid stands in.
+    code, out, err = run(["evaluate", "--model", run_dir, "--split", "valid", "--data-dir", data_dir,
+                          "--out-dir", tmp_path], capsys)
+    assert code == 0, err
+    assert out.startswith("BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:") and "chrF2|" in out
+    report = json.loads((tmp_path / "valid.json").read_text())
+    assert report["sentences"] == 100 and report["scores"]["BLEU"]["score"] > 40
+    assert len((tmp_path / "valid.hyp.de").read_text().splitlines()) == 100
+    code, _, err = run(["evaluate", "--model", run_dir, "--split", "test", "--data-dir", data_dir], capsys)
+    assert code == 1 and "names no test corpus" in err
+
+
+def test_average_writes_the_mean_of_the_last_checkpoints(toy_model_dir, tmp_path, capsys):
+    run_dir, _ = toy_model_dir
+    ckpts = sorted((run_dir / "checkpoints").glob("step*.ckpt"))[-2:]
+    code, out, _ = run(["average", "--model", run_dir, "--last", 2, "-o", tmp_path / "avg"], capsys)
+    assert code == 0 and "averaged 2 checkpoint(s)" in out
+    averaged = read_weights(tmp_path / "avg" / "model.safetensors")
+    a, b = read_weights(ckpts[0]), read_weights(ckpts[1])
+    name = "decoder.blocks.0.ff.up.weight"
+    torch.testing.assert_close(averaged[name], (a[name] + b[name]) / 2)
+    source = tmp_path / "in.en"
+    source.write_text("the dog runs\n")
+    code, out, _ = run(["translate", "--model", tmp_path / "avg", "-i", source], capsys)
+    assert code == 0 and out.strip()
+
+
+def test_overrides_only_for_train(capsys):
+    with pytest.raises(SystemExit):
+        main(["score", "--hyp", "a", "--ref", "b", "--train.max_tokens=3"])
+    assert "only apply to train" in capsys.readouterr().err
