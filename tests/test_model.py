@@ -228,3 +228,24 @@ def test_device_agnostic_on_cuda_when_present():
     src, tgt = random_tokens(2, 5).cuda(), random_tokens(2, 4).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.isfinite(model(src, tgt)).all()
+
+
+def test_cpu_dropout_keeps_one_minus_p_and_scales():
+    from translator.model import Dropout
+
+    drop = Dropout(0.1).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002  # keep probability 1 - p
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))  # inverted-dropout scaling
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # the gradient flows through the same mask
+    torch.manual_seed(3)
+    a = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, drop(x))  # seeded by torch's generator, so runs and resumes are reproducible
+    assert torch.equal(drop.eval()(x), x)
+    # Neighbouring elements share a random word: they must still be independent.
+    pairs = kept.view(-1, 4).float()
+    assert abs((pairs[:, 0] * pairs[:, 1]).mean().item() - 0.81) < 0.003

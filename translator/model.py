@@ -33,6 +33,36 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
     return table.float()
 
 
+class _CpuDropout(torch.autograd.Function):
+    """Dropout whose masks come four per 64-bit random draw. PyTorch's CPU generator spends one draw per
+    element, which made dropout a third of a small model's training step on a 2-core CPU. Each element is
+    kept with probability 1 - p, quantised to 1/65536, and scaled by 1 / (1 - p), as nn.Dropout does."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        n = x.numel()
+        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        uniform16 = words.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+        keep = uniform16 >= round(p * 65536) - 32768
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x * keep * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, with a faster mask on CPU (see _CpuDropout); CUDA uses the native kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        return _CpuDropout.apply(x, self.p)
+
+
 class MultiHeadAttention(nn.Module):
     """h heads of scaled dot-product attention (Section 3.2), as self-attention or as cross-attention to
     the encoder's memory. Q, K and V projections are stacked in one matrix so that self-attention needs
@@ -83,7 +113,7 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(cfg.d_model, cfg.d_ff)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model)
         self.activation = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
-        self.dropout = nn.Dropout(cfg.activation_dropout)
+        self.dropout = Dropout(cfg.activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(self.dropout(self.activation(self.up(x))))
@@ -103,7 +133,7 @@ class Block(nn.Module):
         self.cross_attn_norm = nn.LayerNorm(cfg.d_model) if cross_attention else None
         self.ff = FeedForward(cfg)
         self.ff_norm = nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def _input(self, x: Tensor, norm: nn.Module) -> Tensor:
         return norm(x) if self.norm_first else x
@@ -151,7 +181,7 @@ class Embedding(nn.Module):
         self.token = token if token is not None else nn.Embedding(vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.scale = math.sqrt(cfg.d_model)
         self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, end: int | None = None) -> Tensor:
         """tokens: (B, T); positions: (T,) or (B, T), default 0..T-1, all below `end`. Returns (B, T, C)."""
