@@ -87,6 +87,19 @@ def load_torch_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") ->
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0][:200]})") from None
 
 
+def check_readable(path: str | os.PathLike) -> None:
+    """A quick look before a long job relies on a checkpoint: torch.save writes a zip archive whose directory
+    sits at the end, so a truncated or foreign file fails here at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({e})") from None
+
+
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Model weights from model.safetensors or from a Lightning .ckpt (its 'state_dict', prefix 'model.')."""
     path = Path(path)

@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     accelerator = {"auto": None, "cpu": "cpu", "cuda": "gpu"}[args.device]
     fit(recipe, run_dir, data_dir=args.data_dir, resume=args.resume, max_steps=args.max_steps,
         max_minutes=args.max_minutes, accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes,
-        strategy=args.strategy, progress_bar=not args.no_progress)
+        strategy=args.strategy, progress_bar=not args.no_progress and sys.stderr.isatty())
     print(f"run directory: {run_dir}")
     return 0
 
@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-nodes", type=int, help="number of nodes (Lightning)")
     p.add_argument("--strategy", help="Lightning strategy: auto, ddp, fsdp, ...")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="log lines instead of a progress bar (the default when stderr is not a terminal)")
     p.set_defaults(func=cmd_train)
 
     p = command("translate", "translate a file (or stdin) line by line",

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from .checkpoint import (CHECKPOINTS, TOKENIZER, AtomicCheckpointIO, CheckpointError, export_weights, read_recipe,
-                         write_recipe)
+from .checkpoint import (CHECKPOINTS, TOKENIZER, AtomicCheckpointIO, CheckpointError, check_readable, export_weights,
+                         read_recipe, write_recipe)
 from .config import Recipe
 from .data import (BlockBatches, Corpus, ResumableBatches, TokenBatches, Tokenizer, encode_corpus, load_corpus,
                    load_text, pack_blocks)
@@ -104,8 +104,11 @@ class TranslationModule(L.LightningModule):
         cfg = self.recipe.model
         loss_sum, nll_sum = label_smoothed_loss(self(batch), batch["tgt_out"], self.recipe.train.label_smoothing, cfg.pad_id)
         ntokens = batch["ntokens"]
-        self.data_position = batch.get("position")
         loss = loss_sum / ntokens
+        if not torch.isfinite(loss):  # before any optimizer step: the weights and checkpoints stay good
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step + 1}; stopped. "
+                                     f"The last good checkpoint is kept; lower train.lr_scale or raise train.warmup.")
+        self.data_position = batch.get("position")
         now = time.perf_counter()
         if self._last_step_time is not None:
             self.log("tok_s", ntokens * self.trainer.world_size / (now - self._last_step_time), prog_bar=True)
@@ -115,12 +118,6 @@ class TranslationModule(L.LightningModule):
         self.log("global_step", float(self.global_step))
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        loss = self.trainer.callback_metrics.get("train/loss")
-        if loss is not None and not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; stopping (the last good "
-                                     "checkpoint is kept). Lower train.lr_scale or raise train.warmup.")
 
     def configure_optimizers(self):
         t = self.recipe.train
@@ -196,6 +193,31 @@ class RunData(L.LightningDataModule):
 
     def val_dataloader(self) -> ResumableBatches | list:
         return [] if self.make_valid is None else self.make_valid(self.trainer.global_rank, self.trainer.world_size)
+
+
+class LogLines(Callback):
+    """Plain progress lines for logs (a progress bar is for terminals): every log_every steps, and after
+    each validation."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if trainer.is_global_zero and step % self.every == 0 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            m = trainer.callback_metrics
+            log.info("step %d  loss %.3f  %s tok/s  lr %.2e  %.0fs", step, float(m.get("train/loss", float("nan"))),
+                     f"{float(m['tok_s']):.0f}" if "tok_s" in m else "-", float(m.get("lr", float("nan"))),
+                     time.perf_counter() - self.start)
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        m = trainer.callback_metrics
+        if trainer.is_global_zero and "val/loss" in m:
+            bleu = f"  BLEU {float(m['val/bleu']):.2f}" if "val/bleu" in m else ""
+            log.info("step %d  validation loss %.3f  ppl %.2f%s", trainer.global_step, float(m["val/loss"]),
+                     float(m["val/ppl"]), bleu)
 
 
 class ExportOnTrainEnd(Callback):
@@ -307,6 +329,8 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
     last = run_dir / CHECKPOINTS / "last.ckpt"
     if resume and not last.is_file():
         raise CheckpointError(f"{run_dir}: nothing to resume (no {CHECKPOINTS}/last.ckpt)")
+    if resume:
+        check_readable(last)
     if not resume and _rank() == 0 and (last.is_file() or any(run_dir.glob(f"{CHECKPOINTS}/*.ckpt"))):
         raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -321,9 +345,12 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
     monitor = ("val/bleu", "max") if bleu else ("val/loss", "min")
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=t.save_every, save_top_k=t.keep_last, monitor="step", mode="max"),
+                        every_n_train_steps=t.save_every, save_top_k=t.keep_last, monitor="step", mode="max",
+                        save_last="link"),  # last.ckpt follows every save, so a killed run can resume
         ExportOnTrainEnd(run_dir),
     ]
+    if not progress_bar:
+        callbacks.append(LogLines(t.log_every))
     if make_valid is not None:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor=monitor[0],
                                          mode=monitor[1], save_top_k=1, auto_insert_metric_name=False,
