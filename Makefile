@@ -43,3 +43,14 @@ score:
 
 average:
 	translator average --model $(RUN) --last $(LAST) -o $(RUN)/model.safetensors
+
+# Benchmarks (write benchmarks/results/*.json and plots). BENCH_DEVICE=cuda on a GPU machine.
+BENCH_DEVICE ?= cpu
+.PHONY: bench-multi30k bench-multi30k-de-en
+bench-multi30k:
+	rm -rf runs/bench_multi30k_en_de
+	$(PYTHON) benchmarks/multi30k.py --recipe recipes/multi30k/en_de.yaml --data-dir $(DATA) --device $(BENCH_DEVICE)
+
+bench-multi30k-de-en:
+	rm -rf runs/bench_multi30k_de_en
+	$(PYTHON) benchmarks/multi30k.py --recipe recipes/multi30k/de_en.yaml --data-dir $(DATA) --device $(BENCH_DEVICE)

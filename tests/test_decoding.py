@@ -16,7 +16,7 @@ class History:
     def __init__(self):
         self.reorders = 0
 
-    def reorder(self, index):
+    def reorder(self, index, group=1):
         self.reorders += 1
 
 

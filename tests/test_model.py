@@ -213,12 +213,34 @@ def test_reorder_selects_rows_and_cross_attention_is_computed_once():
     state = model.start(src)
     model.step(torch.full((3, 1), BOS), state)
     assert state.memory is None  # cross-attention keys/values are cached, the memory is no longer needed
-    cross_k = state.kv[0][1][0]
+    cross_k, self_k = state.kv[0][1][0], state.kv[0][0][0]
     state.reorder(torch.tensor([2, 2, 0]))
     torch.testing.assert_close(state.kv[0][1][0], cross_k[[2, 2, 0]])
     assert state.kv[0][0][0].shape == (3, 2, 1, 16)  # (N, heads, positions, head_dim)
     state.truncate(0)
     assert state.length == 0 and state.kv[0][0][0].shape[2] == 0
+
+
+def test_beams_share_their_sentence_memory():
+    model = tiny()
+    src, tgt = random_tokens(3, 5), random_tokens(3, 4)
+    state = model.start(src)
+    model.step(tgt[:, :1], state)
+    cross_k = state.kv[0][1][0]
+    # Expand to 2 beams per sentence: self-attention entries per row, cross-attention entries stay per sentence.
+    state.reorder(torch.arange(3).repeat_interleave(2), group=2)
+    assert state.kv[0][0][0].shape[0] == 6 and state.kv[0][1][0] is cross_k
+    # Reordering beams within sentences copies no memory; the logits match a plain batch of the same rows.
+    state.reorder(torch.tensor([1, 1, 2, 3, 5, 4]), group=2)
+    assert state.kv[0][1][0] is cross_k
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
+    logits = model.step(tgt[rows, :2], state)
+    torch.testing.assert_close(logits, model(src[rows], tgt[rows, :2])[:, -1], atol=1e-5, rtol=0)
+    # Dropping the middle sentence selects its memory away.
+    state.reorder(torch.tensor([0, 1, 4, 5]), group=2)
+    assert state.kv[0][1][0].shape[0] == 2
+    logits = model.step(tgt[[0, 0, 2, 2], :3], state)
+    torch.testing.assert_close(logits, model(src[[0, 0, 2, 2]], tgt[[0, 0, 2, 2], :3])[:, -1], atol=1e-5, rtol=0)
 
 
 def test_device_agnostic_on_cuda_when_present():

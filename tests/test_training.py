@@ -27,6 +27,10 @@ def test_learning_rate_follows_the_paper():
     assert lr(2000) == pytest.approx(peak / 2)  # linear warmup
     assert lr(16000) == pytest.approx(peak / 2)  # inverse square root decay
     assert inverse_sqrt_lr(512, 4000, scale=2.0)(100) == pytest.approx(2 * lr(100))
+    cooled = inverse_sqrt_lr(512, 4000, cooldown=1000, max_steps=10000)
+    assert cooled(9000) == pytest.approx(lr(9000))  # the paper's rate until the cooldown starts
+    assert cooled(9501) == pytest.approx(lr(9501) * 0.5)  # then a linear fall
+    assert cooled(10000) == pytest.approx(lr(10000) / 1000) and cooled(10001) == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

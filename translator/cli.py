@@ -22,6 +22,8 @@ EXAMPLES = {
     "score": "translator score --hyp test.hyp.de --ref test.de --metrics bleu chrf",
     "evaluate": "translator evaluate --model runs/en_de --split test --data-dir ../shared/data",
     "average": "translator average --model runs/en_de --last 5 -o runs/en_de/model.safetensors",
+    "export": "translator export --model runs/en_de --format ctranslate2 -o runs/en_de_ct2",
+    "generate": "translator generate --model runs/lm_multi30k_de --prompt 'Ein Hund' --max-new-tokens 30 --top-p 0.9",
 }
 
 
@@ -117,9 +119,9 @@ def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "be
     """Translate raw lines: empty or whitespace-only lines give empty output without touching the model;
     sources longer than the model's positions are truncated. Returns, per line, `nbest` translations,
     and how many lines were truncated."""
-    from .inference import translate_ids
+    from .inference import source_limit, translate_ids
 
-    limit = model.cfg.max_positions - 1  # room for the source EOS
+    limit = source_limit(model)
     texts = [line.strip() for line in lines]
     todo = [i for i, text in enumerate(texts) if text]
     ids = tokenizer.encode([texts[i] for i in todo])
@@ -184,8 +186,40 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
             count += len(chunk)
             truncated += cut
     if truncated:
+        from .inference import source_limit
+
         log.warning("translator: warning: %d of %d line(s) were longer than %d tokens and were truncated",
-                    truncated, count, model.cfg.max_positions - 1)
+                    truncated, count, source_limit(model))
+    return 0
+
+
+# -- generate ----------------------------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .inference import generate_ids
+
+    model, tokenizer, recipe = load_model(args.model, _device(args.device))
+    if recipe.data.task != "lm":
+        raise ValueError(f"{args.model} is a translation model; generate needs a language model (data.task: lm); "
+                         "use translate")
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be positive")
+    prompts = iter([args.prompt]) if args.prompt is not None else _read_input(args.input)
+    mode = "greedy" if args.greedy else "sample"
+    sampling = None if args.greedy else {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    with _Output(args.output) as out:
+        for chunk in _chunks(prompts, args.chunk_lines):
+            texts = [line.strip() for line in chunk]
+            ids = [x if text else [] for x, text in zip(tokenizer.encode(texts), texts)]
+            continuations = generate_ids(model, ids, args.max_new_tokens, mode, sampling, generator)
+            for text, cont in zip(texts, tokenizer.decode(continuations)):
+                line = f"{text} {cont}".strip() if args.echo else cont
+                out.write(_one_line(line) + "\n")
+            out.flush()
     return 0
 
 
@@ -288,6 +322,20 @@ def cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# -- export ------------------------------------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .export import to_ctranslate2
+
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        raise RuntimeError("export --format ctranslate2 needs the ctranslate2 package: pip install ctranslate2") from None
+    out = to_ctranslate2(args.model, args.output, args.quantization)
+    print(f"wrote a CTranslate2 model to {out} (with spm.model for tokenization)")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------------------------------------
 
 def _add_decoding(p: argparse.ArgumentParser) -> None:
@@ -350,6 +398,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="sample among the smallest set with this mass")
     g.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_translate)
+
+    p = command("export", "export a model to another runtime (CTranslate2)",
+                "Write a CTranslate2 model directory from a run directory, for deployment on its runtime\n"
+                "(ctranslate2.Translator; tokenize with the spm.model written beside it).")
+    p.add_argument("--model", required=True, help="run directory, or a .safetensors/.ckpt file inside one")
+    p.add_argument("--format", choices=["ctranslate2"], default="ctranslate2")
+    p.add_argument("-o", "--output", required=True, help="output directory (replaced if it exists)")
+    p.add_argument("--quantization", choices=["float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16"],
+                   help="weight type in the exported model (default: as trained, float32)")
+    p.set_defaults(func=cmd_export)
+
+    p = command("generate", "continue prompts with a language model (sampling with the KV cache)",
+                "Generate a continuation for each prompt (--prompt, or one per line of -i / stdin) with a\n"
+                "decoder-only language model; one output line per prompt, in order. Sampling is seeded.")
+    p.add_argument("--model", required=True, help="run directory of a language model (recipe data.task: lm)")
+    p.add_argument("--prompt", help="one prompt (otherwise prompts are read from -i or stdin)")
+    p.add_argument("-i", "--input", help="prompts, one per line (default: stdin)")
+    p.add_argument("-o", "--output", help="output file, written when complete (default: stdout)")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the smallest set with this mass")
+    p.add_argument("--greedy", action="store_true", help="the most probable token each step instead of sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--echo", action="store_true", help="write the prompt before its continuation")
+    p.add_argument("--chunk-lines", type=int, default=10000, help="prompts read, generated and written at a time")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_generate)
 
     p = command("score", "score translations with sacreBLEU",
                 "sacreBLEU (BLEU, chrF, TER) of a hypothesis file against one or more reference files,\n"

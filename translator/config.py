@@ -36,6 +36,7 @@ class ModelConfig:
     max_positions: int = 1024
     share_embeddings: bool = True  # one matrix for source and target embeddings (needs one vocabulary)
     tie_output: bool = True  # the pre-softmax projection is the target embedding matrix
+    prefix_lm: bool = False  # decoder-only translation: the source prefix attends bidirectionally
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
@@ -81,6 +82,8 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 4:
                 raise ConfigError(f"{name}={value}: too small to hold pad/bos/eos/unk")
+        if self.prefix_lm and self.arch != "decoder_only":
+            raise ConfigError("prefix_lm applies to decoder-only models (arch=decoder_only)")
         if self.share_embeddings and self.arch == "encoder_decoder" and self.source_vocab_size != self.vocab_size:
             raise ConfigError(
                 f"share_embeddings needs one vocabulary, got src_vocab_size={self.src_vocab_size} "
@@ -177,6 +180,7 @@ class TrainConfig:
     # lr = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)  (Section 5.3)
     lr_scale: float = 1.0
     warmup: int = 4000
+    cooldown: int = 0  # last steps over which lr falls linearly to 0 (not in the paper; 0: its schedule)
     adam_betas: list | None = None  # None: the paper's (0.9, 0.98)
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
@@ -247,8 +251,6 @@ class Recipe:
              "data.task=lm needs a decoder-only model (model.arch: decoder_only, e.g. preset lm_small)"),
             (self.data.task != "lm" or 1 < self.data.block_size < self.model.max_positions,
              f"data.block_size={self.data.block_size} must lie below model.max_positions={self.model.max_positions}"),
-            (self.data.task != "translation" or self.model.arch == "encoder_decoder",
-             "data.task=translation with a decoder-only model is not supported yet; use arch encoder_decoder"),
             (self.tokenizer.type in ("bpe", "unigram"), f"tokenizer.type={self.tokenizer.type!r}: expected bpe or unigram"),
             (t.precision in ("32", "bf16-mixed", "16-mixed", "bf16-true"), f"train.precision={t.precision!r}: "
              "expected 32, bf16-mixed or 16-mixed"),
@@ -256,6 +258,7 @@ class Recipe:
             (d.lp_form in ("gnmt", "length"), f"decode.lp_form={d.lp_form!r}: expected gnmt or length"),
             (t.max_tokens > 0 and t.accumulate > 0 and t.warmup > 0 and t.max_steps > 0,
              "train.max_tokens, accumulate, warmup and max_steps must be positive"),
+            (0 <= t.cooldown < t.max_steps, f"train.cooldown={t.cooldown} must lie in [0, max_steps)"),
             (0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must lie in [0, 1)"),
             (d.beam >= 1, f"decode.beam={d.beam} must be at least 1"),
             (self.tokenizer.vocab_size >= 8, f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small"),

@@ -324,11 +324,14 @@ class TokenBatches(ResumableBatches):
     similar length share a batch with random ties; the batch order is shuffled again per epoch.
     Evaluation (shuffle=False): sorted by length, the same batches every time; `index` restores line order."""
 
-    def __init__(self, data: Encoded, max_tokens: int, shuffle: bool, seed: int = 1, rank: int = 0, world: int = 1):
+    def __init__(self, data: Encoded, max_tokens: int, shuffle: bool, seed: int = 1, rank: int = 0, world: int = 1,
+                 joint: bool = False):
         super().__init__(shuffle, seed, rank, world)
-        self.data, self.max_tokens = data, max_tokens
+        self.data, self.max_tokens, self.joint = data, max_tokens, joint
         self.src_lens = np.array([len(s) + 1 for s in data.src])  # + EOS
         self.tgt_lens = np.array([len(t) + 1 for t in data.tgt])  # + BOS (input) or EOS (output)
+        if joint:  # decoder-only translation: one sequence BOS source EOS target (EOS)
+            self.src_lens = self.tgt_lens = self.src_lens + self.tgt_lens
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         if not self.shuffle:
@@ -352,9 +355,27 @@ class TokenBatches(ResumableBatches):
             src_ids[row, :len(s)], src_ids[row, len(s)] = s, EOS_ID
             tgt_in[row, 0], tgt_in[row, 1:len(t) + 1] = BOS_ID, t
             tgt_out[row, :len(t)], tgt_out[row, len(t)] = t, EOS_ID
-        return {"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tgt_in),
-                "tgt_out": torch.from_numpy(tgt_out), "index": torch.from_numpy(self.data.index[indices]),
-                "ntokens": int(sum(len(t) + 1 for t in tgt))}
+        batch = {"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tgt_in),
+                 "tgt_out": torch.from_numpy(tgt_out), "index": torch.from_numpy(self.data.index[indices]),
+                 "ntokens": int(sum(len(t) + 1 for t in tgt))}
+        return self._joint(batch, src, tgt) if self.joint else batch
+
+    @staticmethod
+    def _joint(batch: dict[str, Any], src: list[np.ndarray], tgt: list[np.ndarray]) -> dict[str, Any]:
+        """Decoder-only translation: inputs BOS source EOS target, predicting the target and its EOS only
+        (EOS separates the two sides). `prefix_len` covers BOS, source and separator; `src` stays for decoding."""
+        T = max(len(s) + len(t) + 2 for s, t in zip(src, tgt))
+        tokens_in = np.full((len(src), T), PAD_ID, dtype=np.int64)
+        tokens_out = np.full((len(src), T), PAD_ID, dtype=np.int64)
+        prefix_len = np.zeros(len(src), dtype=np.int64)
+        for row, (s, t) in enumerate(zip(src, tgt)):
+            seq = np.concatenate([[BOS_ID], s, [EOS_ID], t, [EOS_ID]])
+            tokens_in[row, :len(seq) - 1] = seq[:-1]
+            tokens_out[row, len(s) + 1:len(seq) - 1] = seq[len(s) + 2:]
+            prefix_len[row] = len(s) + 2
+        batch.update(tgt_in=torch.from_numpy(tokens_in), tgt_out=torch.from_numpy(tokens_out),
+                     prefix_len=torch.from_numpy(prefix_len))
+        return batch
 
 
 # -- Language modelling: lines packed into fixed-length blocks -------------------------------------------------

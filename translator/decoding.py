@@ -1,9 +1,10 @@
 """Decoding as plain functions over a step function.
 
 A step function `step(tokens, state) -> logits` receives every token so far, (N, T), and returns the
-logits of the next one, (N, V). `state` is the caller-owned cache: it must offer `reorder(index)`, after
-which row i holds what row index[i] held. Both models' `.step` and `.start(...)` fit this; so does a
-scripted test double. Each function drops sentences from the batch once they are finished.
+logits of the next one, (N, V). `state` is the caller-owned cache: it must offer `reorder(index, group)`,
+after which row i holds what row index[i] held and each `group` consecutive rows belong to one sentence
+(its beams). Both models' `.step` and `.start(...)` fit this; so does a scripted test double. Each function
+drops sentences from the batch once they are finished.
 
 Lengths: at most `max_len` tokens are generated before EOS (per sentence, a*src_len + b in the paper),
 then EOS is forced. Returned token lists hold neither the prefix nor EOS.
@@ -19,7 +20,7 @@ from torch import Tensor
 
 
 class State(Protocol):
-    def reorder(self, index: Tensor) -> None: ...
+    def reorder(self, index: Tensor, group: int = 1) -> None: ...
 
 
 StepFn = Callable[[Tensor, State], Tensor]
@@ -137,7 +138,7 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
         raise ValueError(f"nbest={nbest} must lie between 1 and beam_size={beam_size}")
     B, K, device = prefix.size(0), beam_size, prefix.device
     limit = _as_lengths(max_len, B, device)
-    state.reorder(torch.arange(B, device=device).repeat_interleave(K))
+    state.reorder(torch.arange(B, device=device).repeat_interleave(K), group=K)
     tokens = prefix.repeat_interleave(K, dim=0)  # (B*K, T)
     scores = torch.zeros(B, K, device=device)
     scores[:, 1:] = -torch.inf  # the beams start identical: keep one so the first step does not repeat it
@@ -178,7 +179,93 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
             sentences, scores = sentences[live], scores[live]
             live_rows = (live[:, None] * K + torch.arange(K, device=device)).view(-1)
             tokens, rows = tokens[live_rows], rows[live_rows]
-        state.reorder(rows)
+        state.reorder(rows, group=K)
     for hyps in finished:
         hyps.sort(key=lambda h: h.score, reverse=True)
     return [hyps[:nbest] for hyps in finished]
+
+
+# -- Speculative decoding ---------------------------------------------------------------------------------------
+
+@dataclass
+class Speculation:
+    tokens: list[int]
+    proposed: int  # draft tokens put to the target
+    accepted: int  # of which the target kept
+
+
+def speculative(target: Callable[[Tensor, State], Tensor], target_state, draft: Callable[[Tensor, State], Tensor],
+                draft_state, prefix: Tensor, max_len: int, eos: int, k: int = 4, banned: Sequence[int] = (),
+                sampling: dict | None = None, generator: torch.Generator | None = None) -> Speculation:
+    """One sequence (prefix: (1, P)) decoded by a target model with a draft model's help (Leviathan et al.,
+    2023). `target`/`draft` map new tokens (1, t) and their state to logits (1, t, V), e.g. a model's
+    decode_incremental; states offer `.length` and `.truncate(n)`. Each round the draft proposes up to k
+    tokens, the target scores them all in one pass and keeps the longest agreeing prefix plus one token of
+    its own. Greedy (sampling=None) gives exactly the target's greedy output; with sampling (temperature,
+    top_k, top_p) accepted tokens follow the target's filtered distribution."""
+    def distribution(logits: Tensor) -> Tensor:  # (t, V) -> the (filtered) next-token log-probabilities
+        lprobs = torch.log_softmax(logits.float(), dim=-1)
+        lprobs[:, list(banned)] = -torch.inf
+        if sampling is None:
+            return lprobs
+        return torch.log_softmax(_filter_logits(lprobs, sampling.get("temperature", 1.0), sampling.get("top_k", 0),
+                                                sampling.get("top_p", 1.0)), dim=-1)
+
+    def pick(lprobs: Tensor) -> int:  # (V,) -> a token
+        if sampling is None:
+            return int(lprobs.argmax())
+        return int(torch.multinomial(lprobs.exp(), 1, generator=generator))
+
+    def uniform() -> float:
+        return float(torch.rand((), generator=generator, device=prefix.device))
+
+    tokens = prefix[0].tolist()
+    device = prefix.device
+    # The target reads the whole prefix first (a prefix LM needs its prompt in one pass); later rounds hold
+    # every token but the last in its cache and read that one again together with the proposals.
+    pending = distribution(target(prefix[:, target_state.length:], target_state)[0, -1:])
+    out: list[int] = []
+    proposed = accepted = 0
+    while len(out) < max_len and (not out or out[-1] != eos):
+        draft_lprobs, proposal = [], []
+        new = torch.tensor([tokens[draft_state.length:]], device=device)  # the draft catches up, then proposes
+        for _ in range(min(k, max_len - len(out))):
+            lprobs = distribution(draft(new, draft_state)[0, -1:])[0]
+            proposal.append(pick(lprobs))
+            draft_lprobs.append(lprobs)
+            if proposal[-1] == eos:
+                break
+            new = torch.tensor([[proposal[-1]]], device=device)
+        # One target pass scores every proposal: len(proposal) + 1 predictions.
+        if pending is not None:
+            target_lprobs = torch.cat([pending, distribution(target(torch.tensor([proposal], device=device), target_state)[0])])
+            pending = None
+        else:
+            target_lprobs = distribution(target(torch.tensor([tokens[-1:] + proposal], device=device), target_state)[0])
+        n = 0
+        while n < len(proposal):
+            x = proposal[n]
+            if sampling is None:
+                ok = int(target_lprobs[n].argmax()) == x
+            else:  # accept with probability min(1, p(x) / q(x))
+                ok = uniform() < float((target_lprobs[n, x] - draft_lprobs[n][x]).exp().clamp(max=1.0))
+            if not ok:
+                break
+            n += 1
+        if n < len(proposal) and sampling is not None:  # resample from the part of p that q under-covers
+            residual = (target_lprobs[n].exp() - draft_lprobs[n].exp()).clamp(min=0)
+            nxt = int(torch.multinomial(residual / residual.sum(), 1, generator=generator)) if residual.sum() > 0 \
+                else pick(target_lprobs[n])
+        else:
+            nxt = pick(target_lprobs[n])
+        ended = n > 0 and proposal[n - 1] == eos
+        kept = proposal[:n] + ([] if ended or len(out) + n >= max_len else [nxt])
+        proposed, accepted = proposed + len(proposal), accepted + n
+        tokens += kept
+        out += kept
+        # Forget what rejected proposals wrote into the caches; keep every token but the last.
+        target_state.truncate(min(target_state.length, len(tokens) - 1))
+        draft_state.truncate(min(draft_state.length, len(tokens) - 1))
+    if out and out[-1] == eos:
+        out.pop()
+    return Speculation(out, proposed, accepted)

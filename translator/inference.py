@@ -8,7 +8,7 @@ import torch
 
 from .config import DecodeConfig
 from .decoding import beam_search, greedy, max_lengths, sample
-from .model import EncoderDecoder
+from .model import DecoderOnly, EncoderDecoder
 
 
 def batches_by_length(lengths: Sequence[int], batch_tokens: int, max_sentences: int | None = None) -> list[list[int]]:
@@ -25,30 +25,54 @@ def batches_by_length(lengths: Sequence[int], batch_tokens: int, max_sentences: 
     return [b for b in batches if b]
 
 
+def _encoder_decoder_batch(model: EncoderDecoder, sources: list[list[int]], options: DecodeConfig):
+    """Source batch (padded, EOS-closed), its encoder state, a BOS column to start from, and output limits."""
+    cfg, device = model.cfg, next(model.parameters()).device
+    src = torch.full((len(sources), max(len(s) for s in sources) + 1), cfg.pad_id, dtype=torch.long)
+    for row, s in enumerate(sources):
+        src[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+        src[row, len(s)] = cfg.eos_id
+    src = src.to(device)
+    # BOS plus the generated tokens must fit max_positions (EOS is never fed).
+    limit = max_lengths((src != cfg.pad_id).sum(1), options.max_len_a, options.max_len_b, cap=cfg.max_positions - 1)
+    prefix = torch.full((len(sources), 1), cfg.bos_id, dtype=torch.long, device=device)
+    return model.start(src), prefix, limit
+
+
+def _decoder_only_batch(model: DecoderOnly, sources: list[list[int]], options: DecodeConfig):
+    """Prompts BOS source EOS, left-padded so that every row continues at the same step."""
+    cfg, device = model.cfg, next(model.parameters()).device
+    width = max(len(s) for s in sources) + 2
+    prompt = torch.full((len(sources), width), cfg.pad_id, dtype=torch.long)
+    for row, s in enumerate(sources):
+        prompt[row, width - len(s) - 2:] = torch.tensor([cfg.bos_id, *s, cfg.eos_id], dtype=torch.long)
+    prompt = prompt.to(device)
+    lengths = torch.tensor([len(s) + 1 for s in sources], device=device)
+    limit = max_lengths(lengths, options.max_len_a, options.max_len_b, cap=cfg.max_positions - width)
+    return model.start(prompt), prompt, limit
+
+
+def source_limit(model: EncoderDecoder | DecoderOnly) -> int:
+    """The longest source, in tokens, that the model can read (longer ones are truncated)."""
+    cfg = model.cfg
+    return cfg.max_positions - 1 if cfg.arch == "encoder_decoder" else cfg.max_positions // 2 - 2
+
+
 @torch.no_grad()
-def translate_ids(model: EncoderDecoder, sources: Sequence[Sequence[int]], options: DecodeConfig,
+def translate_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequence[int]], options: DecodeConfig,
                   mode: str = "beam", nbest: int = 1, sampling: dict | None = None,
                   generator: torch.Generator | None = None) -> list[list[list[int]]]:
-    """Translate token-id sequences (without EOS). Returns, per input in input order, `nbest` token lists.
-    mode: 'beam', 'greedy' or 'sample' (with `sampling` = temperature/top_k/top_p)."""
+    """Translate token-id sequences (without EOS) with an encoder-decoder or a decoder-only translation model.
+    Returns, per input in input order, `nbest` token lists. mode: 'beam', 'greedy' or 'sample' (with
+    `sampling` = temperature/top_k/top_p)."""
     cfg = model.cfg
-    device = next(model.parameters()).device
-    # The source with its EOS must fit max_positions; so must BOS plus the generated tokens (EOS is never fed).
-    cap_src = cfg.max_positions - 1
-    sources = [list(s)[:cap_src] for s in sources]
+    sources = [list(s)[:source_limit(model)] for s in sources]
+    prepare = _encoder_decoder_batch if cfg.arch == "encoder_decoder" else _decoder_only_batch
     results: list[list[list[int]]] = [[[]] * nbest for _ in sources]
+    banned = (cfg.pad_id, cfg.bos_id)
     lengths = [len(s) + 1 for s in sources]
     for batch in batches_by_length(lengths, options.batch_tokens):
-        S = max(lengths[i] for i in batch)
-        src = torch.full((len(batch), S), cfg.pad_id, dtype=torch.long)
-        for row, i in enumerate(batch):
-            src[row, :len(sources[i])] = torch.tensor(sources[i], dtype=torch.long)
-            src[row, len(sources[i])] = cfg.eos_id
-        src = src.to(device)
-        limit = max_lengths((src != cfg.pad_id).sum(1), options.max_len_a, options.max_len_b, cap=cfg.max_positions - 1)
-        state = model.start(src)
-        prefix = torch.full((len(batch), 1), cfg.bos_id, dtype=torch.long, device=device)
-        banned = (cfg.pad_id, cfg.bos_id)
+        state, prefix, limit = prepare(model, [sources[i] for i in batch], options)
         if mode == "beam":
             hyps = beam_search(model.step, state, prefix, limit, cfg.eos_id, beam_size=options.beam,
                                alpha=options.lenpen, lp_form=options.lp_form, nbest=nbest, banned=banned)
@@ -62,4 +86,32 @@ def translate_ids(model: EncoderDecoder, sources: Sequence[Sequence[int]], optio
             raise ValueError(f"decoding mode {mode!r}: expected beam, greedy or sample")
         for row, i in enumerate(batch):
             results[i] = outputs[row]
+    return results
+
+
+@torch.no_grad()
+def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: str = "sample",
+                 sampling: dict | None = None, generator: torch.Generator | None = None,
+                 batch_tokens: int = 8192) -> list[list[int]]:
+    """Continue each prompt (token ids) with a language model, up to max_new_tokens or EOS, in batches of
+    similar length. Prompts start after an EOS, as every line does in the packed training stream."""
+    cfg, device = model.cfg, next(model.parameters()).device
+    keep = cfg.max_positions - 2  # room for the leading EOS and at least one new token
+    prompts = [list(p)[-keep:] for p in prompts]
+    results: list[list[int]] = [[] for _ in prompts]
+    for batch in batches_by_length([len(p) + 1 for p in prompts], batch_tokens):
+        width = max(len(prompts[i]) for i in batch) + 1
+        tokens = torch.full((len(batch), width), cfg.pad_id, dtype=torch.long)
+        for row, i in enumerate(batch):
+            tokens[row, width - len(prompts[i]) - 1:] = torch.tensor([cfg.eos_id, *prompts[i]], dtype=torch.long)
+        tokens = tokens.to(device)
+        limit = min(max_new_tokens, cfg.max_positions - width)
+        banned = (cfg.pad_id, cfg.bos_id)
+        if mode == "greedy":
+            out = greedy(model.step, model.start(tokens), tokens, limit, cfg.eos_id, banned=banned)
+        else:
+            out = sample(model.step, model.start(tokens), tokens, limit, cfg.eos_id, banned=banned, generator=generator,
+                         **(sampling or {}))
+        for row, i in enumerate(batch):
+            results[i] = out[row]
     return results

@@ -100,8 +100,14 @@ class MultiHeadAttention(nn.Module):
         else:
             q = self._heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))
             k, v = past if past is not None else self.memory_kv(memory)
+        # Beam search keeps the memory once per sentence: the sentence's rows (beams) become more queries.
+        group = B // k.size(0)
+        if group > 1:
+            q = q.view(k.size(0), group, self.n_heads, T, -1).transpose(1, 2).reshape(k.size(0), self.n_heads, group * T, -1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
+        if group > 1:
+            y = y.view(k.size(0), self.n_heads, group, T, -1).transpose(1, 2).reshape(B, self.n_heads, T, -1)
         return self.out(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
@@ -199,22 +205,35 @@ class DecodeState:
     """What incremental decoding carries from step to step; owned and passed in by the caller.
 
     kv[i] = (self-attention keys/values of the positions seen so far, cross-attention keys/values of the
-    memory) for layer i. `pad_len` counts left padding per row (decoder-only prompts of unequal length):
-    those positions are never attended to and positions count from the first real token."""
+    memory) for layer i. Self-attention entries are per row; the memory and its cross-attention entries are
+    per sentence, shared by the sentence's `group` consecutive rows (its beams), so reordering beams never
+    copies them. `pad_len` counts left padding per row (decoder-only prompts of unequal length): those
+    positions are never attended to, and positions count from the first real token."""
 
     kv: list[tuple[KV | None, KV | None]]
-    memory: Tensor | None = None  # (N, S, C); dropped once its keys/values are cached
-    memory_mask: Tensor | None = None  # (N, 1, 1, S) True at real source tokens
+    memory: Tensor | None = None  # (B, S, C); dropped once its keys/values are cached
+    memory_mask: Tensor | None = None  # (B, 1, 1, S) True at real source tokens
     pad_len: Tensor | None = None  # (N,)
     length: int = 0  # positions fed so far
+    group: int = 1  # rows per sentence
 
-    def reorder(self, index: Tensor) -> None:
-        """Row i becomes what row index[i] was: beam reordering, expanding to beams, dropping finished rows."""
-        def pick(t):
+    def reorder(self, index: Tensor, group: int = 1) -> None:
+        """Row i becomes what row index[i] was (beam reordering, expanding to beams, dropping finished rows).
+        Afterwards every `group` consecutive rows belong to one sentence; each group must come from rows of
+        one sentence."""
+        def rows(t):
             return None if t is None else t.index_select(0, index)
-        self.kv = [(None if s is None else (pick(s[0]), pick(s[1])), None if c is None else (pick(c[0]), pick(c[1])))
-                   for s, c in self.kv]
-        self.memory, self.memory_mask, self.pad_len = pick(self.memory), pick(self.memory_mask), pick(self.pad_len)
+        sentences = index[::group] // self.group  # the sentence each new group comes from
+        n = next((t.size(0) for t in (self.memory_mask, self.memory) if t is not None), None)
+        unchanged = n is None or (sentences.numel() == n and bool((sentences == torch.arange(n, device=index.device)).all()))
+
+        def per_sentence(t):
+            return t if t is None or unchanged else t.index_select(0, sentences)
+        self.kv = [(None if s is None else (rows(s[0]), rows(s[1])),
+                    None if c is None else (per_sentence(c[0]), per_sentence(c[1]))) for s, c in self.kv]
+        self.memory, self.memory_mask = per_sentence(self.memory), per_sentence(self.memory_mask)
+        self.pad_len = rows(self.pad_len)
+        self.group = group
 
     def truncate(self, length: int) -> None:
         """Forget positions from `length` on (speculative decoding rejects drafted tokens this way)."""
@@ -222,14 +241,16 @@ class DecodeState:
         self.length = length
 
 
-def _incremental_mask(state: DecodeState, n_new: int, device: torch.device) -> Tensor | None:
-    """Mask for n_new query positions after state.length cached ones: causal, and blind to left padding."""
+def _incremental_mask(state: DecodeState, n_new: int, device: torch.device, bidirectional: bool = False) -> Tensor | None:
+    """Mask for n_new query positions after state.length cached ones: causal (or, for a prefix LM's prompt,
+    bidirectional), and blind to left padding."""
     total = state.length + n_new
-    if n_new == 1 and state.pad_len is None:
-        return None  # one new position may see every cached one
+    if (n_new == 1 or bidirectional) and state.pad_len is None:
+        return None  # one new position may see every cached one; a bidirectional prompt sees all of itself
     key = torch.arange(total, device=device)
     query = torch.arange(state.length, total, device=device)
-    mask = (key[None, :] <= query[:, None])[None, None]  # (1, 1, n_new, total)
+    mask = torch.ones(1, 1, n_new, total, dtype=torch.bool, device=device) if bidirectional else \
+        (key[None, :] <= query[:, None])[None, None]  # (1, 1, n_new, total)
     if state.pad_len is not None:
         mask = mask & (key[None, :] >= state.pad_len[:, None])[:, None, None, :]
     return mask
@@ -354,7 +375,8 @@ class DecoderOnly(_Seq2SeqBase):
 
     def decode_incremental(self, new: Tensor, state: DecodeState) -> Tensor:
         x = self.tgt_embed(new, self._positions(state, new.size(1), new.device), end=state.length + new.size(1))
-        mask = _incremental_mask(state, new.size(1), new.device)
+        prompt = self.cfg.prefix_lm and state.length == 0  # a prefix LM reads its prompt (the source) both ways
+        mask = _incremental_mask(state, new.size(1), new.device, bidirectional=prompt)
         h = self.decoder(x, mask, False, state=state)
         state.length += new.size(1)
         return self.logits(h)

@@ -69,11 +69,16 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: flo
     return _LabelSmoothedCrossEntropy.apply(logits.reshape(-1, vocab), target.reshape(-1), epsilon, pad_id)
 
 
-def inverse_sqrt_lr(d_model: int, warmup: int, scale: float = 1.0):
-    """lrate = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step counting from 1 (Section 5.3)."""
+def inverse_sqrt_lr(d_model: int, warmup: int, scale: float = 1.0, cooldown: int = 0, max_steps: int = 0):
+    """lrate = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step counting from 1 (Section 5.3).
+    With cooldown > 0 (not in the paper), the rate also falls linearly to zero over the last `cooldown` of
+    `max_steps`, so a fixed-budget run ends converged rather than mid-stride."""
     def lr(step: int) -> float:
         step = max(step, 1)
-        return scale * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+        rate = scale * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+        if cooldown > 0 and max_steps > 0:
+            rate *= min(1.0, max(0.0, (max_steps - step + 1) / cooldown))
+        return rate
     return lr
 
 
@@ -91,14 +96,17 @@ class TranslationModule(L.LightningModule):
         self._last_step_time: float | None = None
         self._val: dict[str, Any] = {}
         self.data_position: tuple[int, int] | None = None  # (epoch, index) of the last batch trained
+        self.tokens_seen = 0  # target tokens trained on, across resumes
+        self._fit_start = time.perf_counter()
         self.resume_position: tuple[int, int] | None = None  # where a resumed run's data continues
 
     # -- training ------------------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "src" in batch:  # translation, teacher-forced
+        if self.recipe.model.arch == "encoder_decoder":  # translation, teacher-forced
             return self.model(batch["src"], batch["tgt_in"])
-        return self.model(batch["tgt_in"])  # next-token prediction
+        # Next-token prediction: a language model, or translation as one sequence (loss on the target only).
+        return self.model(batch["tgt_in"], batch.get("prefix_len") if self.recipe.model.prefix_lm else None)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         cfg = self.recipe.model
@@ -109,6 +117,7 @@ class TranslationModule(L.LightningModule):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step + 1}; stopped. "
                                      f"The last good checkpoint is kept; lower train.lr_scale or raise train.warmup.")
         self.data_position = batch.get("position")
+        self.tokens_seen += ntokens * self.trainer.world_size
         now = time.perf_counter()
         if self._last_step_time is not None:
             self.log("tok_s", ntokens * self.trainer.world_size / (now - self._last_step_time), prog_bar=True)
@@ -126,7 +135,7 @@ class TranslationModule(L.LightningModule):
         cls = torch.optim.AdamW if t.weight_decay else torch.optim.Adam
         optimizer = cls(self.parameters(), lr=1.0, betas=betas, eps=t.adam_eps, weight_decay=t.weight_decay,
                         fused=fused or None)
-        lr = inverse_sqrt_lr(self.recipe.model.d_model, t.warmup, t.lr_scale)
+        lr = inverse_sqrt_lr(self.recipe.model.d_model, t.warmup, t.lr_scale, t.cooldown, self.trainer.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr(step + 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -136,12 +145,14 @@ class TranslationModule(L.LightningModule):
         checkpoint["torch_rng_state"] = torch.get_rng_state()  # dropout masks continue where they stopped
         if self.data_position is not None:  # the next batch to train
             checkpoint["data_position"] = [self.data_position[0], self.data_position[1] + 1]
+        checkpoint["tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
         if "data_position" in checkpoint:
             self.resume_position = tuple(checkpoint["data_position"])
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
 
     # -- validation --------------------------------------------------------------------------------------------
 
@@ -160,9 +171,13 @@ class TranslationModule(L.LightningModule):
             texts = self.tokenizer.decode([o[0] for o in out])
             self._val["hyps"].update(zip(batch["index"].tolist(), texts))
 
+    def on_train_start(self) -> None:
+        self._fit_start = time.perf_counter()
+
     def on_validation_epoch_end(self) -> None:
         totals = torch.stack([self._val["nll"].float(), torch.tensor(float(self._val["tokens"]), device=self.device)])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        self.log("val/elapsed_s", time.perf_counter() - self._fit_start, sync_dist=False)  # for learning curves
         if totals[1] > 0:
             loss = (totals[0] / totals[1]).item()
             self.log("val/loss", loss, prog_bar=True, sync_dist=False)
@@ -307,14 +322,16 @@ def _loaders(recipe: Recipe, tokenizer: Tokenizer, train: Any, valid: Any):
         make_valid = None if valid_blocks is None else \
             (lambda rank, world: BlockBatches(valid_blocks, t.max_tokens, False, rank=rank, world=world))
         return make_train, make_valid, []
-    train_enc = encode_corpus(train, tokenizer, max_len=min(d.max_len, recipe.model.max_positions))
-    make_train = lambda rank, world: TokenBatches(train_enc, t.max_tokens, True, t.seed, rank, world)
+    joint = recipe.model.arch == "decoder_only"  # translation as one sequence: source EOS target
+    limit = recipe.model.max_positions // 2 if joint else recipe.model.max_positions
+    train_enc = encode_corpus(train, tokenizer, max_len=min(d.max_len, limit))
+    make_train = lambda rank, world: TokenBatches(train_enc, t.max_tokens, True, t.seed, rank, world, joint)
     if valid is None:
         return make_train, None, []
     n = t.val_max_sentences or len(valid)
     valid = Corpus(valid.src[:n], valid.tgt[:n], valid.name)
     valid_enc = encode_corpus(valid, tokenizer)
-    make_valid = lambda rank, world: TokenBatches(valid_enc, t.max_tokens, False, rank=rank, world=world)
+    make_valid = lambda rank, world: TokenBatches(valid_enc, t.max_tokens, False, rank=rank, world=world, joint=joint)
     return make_train, make_valid, valid.tgt
 
 
