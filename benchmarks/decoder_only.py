@@ -3,8 +3,8 @@ speculative decoding for both with a small draft model on the same vocabulary.
 
     python benchmarks/decoder_only.py --data-dir ../shared/data --steps 600
 
-Both translation models train on the same recipe (recipes/multi30k/en_de.yaml, same tokenizer, steps,
-schedule); the decoder-only model reads `BOS source EOS target EOS` with a bidirectional (prefix-LM) source.
+Both translation models train with the same settings (recipes/multi30k/en_de.yaml and en_de_decoder_only.yaml:
+same tokenizer, steps, schedule); the decoder-only model reads `BOS source EOS target EOS` with a bidirectional (prefix-LM) source.
 Speculative decoding is timed one sentence at a time, greedy, against the target model's own greedy
 decoding on the same sentences; its output must be identical.
 """
@@ -25,22 +25,20 @@ from common import save_result  # noqa: E402
 from translator import count_parameters  # noqa: E402
 from translator.checkpoint import TOKENIZER, load_model  # noqa: E402
 from translator.cli import score_files, translate_lines  # noqa: E402
-from translator.config import load_recipe  # noqa: E402
+from translator.config import DecodeConfig, load_recipe  # noqa: E402
 from translator.data import load_corpus  # noqa: E402
-from translator.decoding import greedy, speculative  # noqa: E402
-from translator.inference import source_limit  # noqa: E402
+from translator.inference import speculative_ids, translate_ids  # noqa: E402
 from translator.training import fit  # noqa: E402
 
+ENCODER_DECODER, DECODER_ONLY = "recipes/multi30k/en_de.yaml", "recipes/multi30k/en_de_decoder_only.yaml"
 MODELS = {
-    # name: recipe overrides. The encoder-decoder is the `small` preset (3+3 layers); 7 decoder-only layers
-    # hold about as many parameters (a decoder layer without cross-attention is an encoder-sized layer).
-    "encoder_decoder": [],
-    "decoder_only": ["model.preset=lm_small", "model.arch=decoder_only", "model.n_decoder_layers=7",
-                     "model.prefix_lm=true", "model.max_positions=512"],
-    "draft_encoder_decoder": ["model.d_model=128", "model.d_ff=512", "model.n_encoder_layers=2",
-                              "model.n_decoder_layers=1"],
-    "draft_decoder_only": ["model.preset=lm_small", "model.arch=decoder_only", "model.d_model=128", "model.d_ff=512",
-                           "model.n_decoder_layers=2", "model.prefix_lm=true", "model.max_positions=512"],
+    # name: (recipe, overrides). The encoder-decoder is the `small` preset (3+3 layers); the decoder-only recipe
+    # has 7 layers, about as many parameters (a decoder layer without cross-attention is an encoder-sized layer).
+    "encoder_decoder": (ENCODER_DECODER, []),
+    "decoder_only": (DECODER_ONLY, []),
+    "draft_encoder_decoder": (ENCODER_DECODER, ["model.d_model=128", "model.d_ff=512", "model.n_encoder_layers=2",
+                                                "model.n_decoder_layers=1"]),
+    "draft_decoder_only": (DECODER_ONLY, ["model.d_model=128", "model.d_ff=512", "model.n_decoder_layers=2"]),
 }
 
 
@@ -52,52 +50,34 @@ def train(name: str, args, tokenizer_from: Path | None) -> Path:
     run.mkdir(parents=True)
     if tokenizer_from is not None:  # one vocabulary for all: drafts must share the target's
         shutil.copyfile(tokenizer_from, run / TOKENIZER)
-    overrides = MODELS[name] + [f"train.max_steps={args.steps}", f"train.cooldown={args.steps // 3}",
+    recipe, overrides = MODELS[name]
+    overrides = overrides + [f"train.max_steps={args.steps}", f"train.cooldown={args.steps // 3}",
                                 f"train.val_every={args.steps}", "train.val_bleu=none", f"train.save_every={args.steps // 6}",
                                 "train.keep_last=3", "decode.average_last=3"]
     start = time.perf_counter()
-    fit(load_recipe(args.recipe, overrides), run, data_dir=args.data_dir, progress_bar=False)
+    fit(load_recipe(recipe, overrides), run, data_dir=args.data_dir, progress_bar=False)
     (run / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     return run
 
 
-def prepare(model, src_ids: list[int]):
-    """(state, prefix) for one sentence, as translate_ids builds them."""
-    cfg = model.cfg
-    src_ids = src_ids[:source_limit(model)]
-    if cfg.arch == "encoder_decoder":
-        return model.start(torch.tensor([src_ids + [cfg.eos_id]])), torch.tensor([[cfg.bos_id]])
-    prompt = torch.tensor([[cfg.bos_id, *src_ids, cfg.eos_id]])
-    return model.start(prompt), prompt
-
-
 @torch.no_grad()
 def speculative_run(target, draft, sources: list[list[int]], k: int) -> dict:
-    cfg = target.cfg
-    banned = (cfg.pad_id, cfg.bos_id)
+    """Greedy, one sentence at a time: the target alone, then with the draft (the outputs must be identical)."""
+    options = DecodeConfig(beam=1)
     start = time.perf_counter()
-    plain = [greedy(target.step, *prepare(target, s), len(s) + 50, cfg.eos_id, banned=banned)[0] for s in sources]
+    plain = [translate_ids(target, [s], options, mode="greedy")[0][0] for s in sources]
     plain_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    proposed = accepted = 0
-    fast = []
-    for s in sources:
-        t_state, prefix = prepare(target, s)
-        d_state, _ = prepare(draft, s)
-        result = speculative(target.decode_incremental, t_state, draft.decode_incremental, d_state, prefix,
-                             len(s) + 50, cfg.eos_id, k=k, banned=banned)
-        fast.append(result.tokens)
-        proposed, accepted = proposed + result.proposed, accepted + result.accepted
+    fast, acceptance = speculative_ids(target, draft, sources, options, k=k)
     fast_seconds = time.perf_counter() - start
     return {"k": k, "sentences": len(sources), "greedy_seconds": round(plain_seconds, 2),
             "speculative_seconds": round(fast_seconds, 2), "speedup": round(plain_seconds / fast_seconds, 3),
-            "acceptance_rate": round(accepted / max(proposed, 1), 3),
+            "acceptance_rate": round(acceptance, 3),
             "identical_outputs": sum(a == b for a, b in zip(plain, fast)) / len(sources)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="recipes/multi30k/en_de.yaml")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--out", default="runs/bench_decoder_only")
     parser.add_argument("--steps", type=int, default=600, help="training steps for each model")
@@ -110,7 +90,7 @@ def main() -> None:
     for name in ("decoder_only", "draft_encoder_decoder", "draft_decoder_only"):
         runs[name] = train(name, args, tokenizer_file)
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(ENCODER_DECODER)
     test = load_corpus(recipe.data.test, recipe.data.src_lang, recipe.data.tgt_lang, args.data_dir)
     metrics: dict = {"steps": args.steps}
     models = {}
@@ -137,7 +117,7 @@ def main() -> None:
     for arch in ("encoder_decoder", "decoder_only"):
         metrics[f"speculative_{arch}"] = speculative_run(models[arch], models[f"draft_{arch}"], sources, args.k)
         print(f"speculative {arch}", metrics[f"speculative_{arch}"], flush=True)
-    save_result("decoder_only_vs_encoder_decoder_cpu", metrics, "cpu", recipe=args.recipe)
+    save_result("decoder_only_vs_encoder_decoder_cpu", metrics, "cpu", recipes=[ENCODER_DECODER, DECODER_ONLY])
 
 
 if __name__ == "__main__":

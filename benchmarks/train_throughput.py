@@ -113,15 +113,16 @@ def main() -> None:
         torch.manual_seed(0)
         cfg = ModelConfig.from_name(name, vocab_size=vocab, max_positions=512)
         model = build_model(cfg).to(device).train()
-        step = torch.compile(model) if args.compile else model
-        ours = time_training(lambda b: step(b["src"], b["tgt_in"]), model.parameters(), batches, device, dtype)[args.warmup:]
+        network = torch.compile(model) if args.compile else model
+        ours = time_training(lambda b, f=network: f(b["src"], b["tgt_in"]), model.parameters(), batches, device,
+                             dtype)[args.warmup:]
         tokens = sum(b["ntokens"] for b in timed)
         flops = sum(step_flops(cfg, b) for b in timed)
         seconds = sum(ours)
         row = {"parameters": count_parameters(model), "tokens_per_second": round(tokens / seconds, 1),
                "seconds_per_step_median": round(statistics.median(ours), 4),
                "tflops_per_second": round(flops / seconds / 1e12, 3), "mfu": round(flops / seconds / peak, 4)}
-        del model, step
+        del model, network
         if not args.skip_hf:
             from transformers import MarianMTModel
 

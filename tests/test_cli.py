@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from translator.checkpoint import read_weights
-from translator.cli import build_parser, main
+from translator.cli import main
 
 from .conftest import shared_data
 

@@ -1,6 +1,5 @@
 """The decoder-only model in use: translation as one sequence, generation, and speculative decoding."""
 
-import math
 
 import pytest
 import torch
@@ -184,3 +183,24 @@ decode: {average_last: 1}
     assert runs[0] == runs[1]
     code = main(["generate", "--model", str(run), "--prompt", "x", "--max-new-tokens", "0"])
     assert code == 1 and "--max-new-tokens must be positive" in capsys.readouterr().err
+
+
+def test_translate_with_a_draft_model_gives_the_same_lines(toy_model_dir, tmp_path, capsys):
+    import shutil
+
+    run, data_dir = toy_model_dir
+    (tmp_path / "draft").mkdir()
+    shutil.copyfile(run / "spm.model", tmp_path / "draft" / "spm.model")  # a draft shares the vocabulary
+    recipe = load_recipe(run / "config.yaml", ["model.d_model=32", "model.d_ff=64", "model.n_encoder_layers=1",
+                                               "model.n_decoder_layers=1", "train.max_steps=60"])
+    draft = fit(recipe, tmp_path / "draft", data_dir=str(data_dir), progress_bar=False)
+    source = tmp_path / "in.en"
+    source.write_text("".join(line + "\n" for line in (data_dir / "toy" / "valid.en").read_text().splitlines()[:40]) + "\n")
+    outputs = []
+    for extra in ([], ["--draft", str(draft)], ["--draft", str(draft), "--draft-k", "2"]):
+        assert main(["translate", "--model", str(run), "-i", str(source), "--beam", "1", *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0].count("\n") == 41 and outputs[0].strip()
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    assert main(["translate", "--model", str(run), "-i", str(source), "--beam", "4", "--draft", str(draft)]) == 1
+    assert "--draft decodes greedily or by sampling" in capsys.readouterr().err

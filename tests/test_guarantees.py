@@ -16,7 +16,7 @@ import yaml
 
 from translator.checkpoint import CheckpointError, load_model, load_torch_checkpoint, read_weights
 from translator.cli import main, translate_lines
-from translator.config import DecodeConfig, load_recipe
+from translator.config import DecodeConfig
 from translator.data import read_lines
 
 PYTHON = [sys.executable, "-m", "translator.cli"]

@@ -216,6 +216,7 @@ def test_reorder_selects_rows_and_cross_attention_is_computed_once():
     cross_k, self_k = state.kv[0][1][0], state.kv[0][0][0]
     state.reorder(torch.tensor([2, 2, 0]))
     torch.testing.assert_close(state.kv[0][1][0], cross_k[[2, 2, 0]])
+    torch.testing.assert_close(state.kv[0][0][0], self_k[[2, 2, 0]])
     assert state.kv[0][0][0].shape == (3, 2, 1, 16)  # (N, heads, positions, head_dim)
     state.truncate(0)
     assert state.length == 0 and state.kv[0][0][0].shape[2] == 0

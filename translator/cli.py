@@ -115,19 +115,26 @@ def _one_line(text: str) -> str:
 
 
 def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "beam", nbest: int = 1,
-                    sampling: dict | None = None, generator=None) -> tuple[list[list[str]], int]:
+                    sampling: dict | None = None, generator=None, draft=None,
+                    draft_k: int = 4) -> tuple[list[list[str]], int]:
     """Translate raw lines: empty or whitespace-only lines give empty output without touching the model;
     sources longer than the model's positions are truncated. Returns, per line, `nbest` translations,
-    and how many lines were truncated."""
-    from .inference import source_limit, translate_ids
+    and how many lines were truncated. With a `draft` model: speculative greedy decoding or sampling."""
+    from .inference import source_limit, speculative_ids, translate_ids
 
     limit = source_limit(model)
     texts = [line.strip() for line in lines]
     todo = [i for i, text in enumerate(texts) if text]
     ids = tokenizer.encode([texts[i] for i in todo])
     truncated = sum(len(x) > limit for x in ids)
-    outputs = translate_ids(model, [x[:limit] for x in ids], options, mode=mode, nbest=nbest, sampling=sampling,
-                            generator=generator)
+    if draft is not None:
+        found, rate = speculative_ids(model, draft, [x[:limit] for x in ids], options, k=draft_k, sampling=sampling,
+                                      generator=generator)
+        outputs = [[tokens] for tokens in found]
+        log.debug("speculative decoding: %.1f%% of draft tokens accepted", 100 * rate)
+    else:
+        outputs = translate_ids(model, [x[:limit] for x in ids], options, mode=mode, nbest=nbest, sampling=sampling,
+                                generator=generator)
     results: list[list[str]] = [[""] * nbest for _ in lines]
     for i, hyps in zip(todo, outputs):
         results[i] = [_one_line(t) for t in tokenizer.decode(hyps)]
@@ -172,11 +179,22 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError(f"--nbest {args.nbest} exceeds --beam {options.beam}")
     mode, sampling = _mode(args, options)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed) if args.sample else None
+    draft = None
+    if args.draft:
+        from .checkpoint import load_model
+
+        if mode == "beam":
+            raise ValueError("--draft decodes greedily or by sampling: pass --beam 1 or --sample")
+        if args.draft_k < 1:
+            raise ValueError("--draft-k must be positive")
+        draft, draft_tokenizer, _ = load_model(args.draft, next(model.parameters()).device)
+        if draft_tokenizer.sp.serialized_model_proto() != tokenizer.sp.serialized_model_proto():
+            raise ValueError(f"{args.draft} has another sentencepiece model than {args.model}; a draft must share it")
     count = truncated = 0
     with _Output(args.output) as out:
         for chunk in _chunks(_read_input(args.input), args.chunk_lines):
             results, cut = translate_lines(model, tokenizer, chunk, options, mode, 1 if args.sample else args.nbest,
-                                           sampling, generator)
+                                           sampling, generator, draft, args.draft_k)
             for i, hyps in enumerate(results, count):
                 if args.nbest > 1 and not args.sample:  # Moses n-best format: id ||| text ||| rank
                     out.writelines(f"{i} ||| {h} ||| {rank}\n" for rank, h in enumerate(hyps))
@@ -397,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample among the smallest set with this mass")
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("speculative decoding (greedy or sampling, one sentence at a time)")
+    g.add_argument("--draft", help="a smaller model (run directory) with the same architecture and vocabulary that "
+                                   "proposes tokens; greedy output is unchanged, only faster when the draft agrees")
+    g.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round")
     p.set_defaults(func=cmd_translate)
 
     p = command("export", "export a model to another runtime (CTranslate2)",

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .config import DecodeConfig
-from .decoding import beam_search, greedy, max_lengths, sample
+from .decoding import beam_search, greedy, max_lengths, sample, speculative
 from .model import DecoderOnly, EncoderDecoder
 
 
@@ -87,6 +87,32 @@ def translate_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequenc
         for row, i in enumerate(batch):
             results[i] = outputs[row]
     return results
+
+
+@torch.no_grad()
+def speculative_ids(model: EncoderDecoder | DecoderOnly, draft: EncoderDecoder | DecoderOnly,
+                    sources: Sequence[Sequence[int]], options: DecodeConfig, k: int = 4, sampling: dict | None = None,
+                    generator: torch.Generator | None = None) -> tuple[list[list[int]], float]:
+    """Translate one sentence at a time with speculative decoding: `draft`, a smaller model of the same
+    architecture and vocabulary, proposes k tokens and `model` checks them in one pass. Greedy (sampling=None)
+    gives exactly `model`'s greedy output. Returns the outputs in input order and the acceptance rate."""
+    cfg = model.cfg
+    if draft.cfg.arch != cfg.arch or draft.cfg.vocab_size != cfg.vocab_size:
+        raise ValueError(f"the draft model ({draft.cfg.arch}, vocabulary {draft.cfg.vocab_size}) must match the "
+                         f"translation model ({cfg.arch}, vocabulary {cfg.vocab_size})")
+    prepare = _encoder_decoder_batch if cfg.arch == "encoder_decoder" else _decoder_only_batch
+    limit = min(source_limit(model), source_limit(draft))
+    outputs, proposed, accepted = [], 0, 0
+    for source in sources:
+        source = list(source)[:limit]
+        state, prefix, max_len = prepare(model, [source], options)
+        draft_state, _, draft_max_len = prepare(draft, [source], options)
+        result = speculative(model.decode_incremental, state, draft.decode_incremental, draft_state, prefix,
+                             int(min(max_len[0], draft_max_len[0])), cfg.eos_id, k=k, banned=(cfg.pad_id, cfg.bos_id),
+                             sampling=sampling, generator=generator)
+        outputs.append(result.tokens)
+        proposed, accepted = proposed + result.proposed, accepted + result.accepted
+    return outputs, accepted / max(proposed, 1)
 
 
 @torch.no_grad()

@@ -18,7 +18,6 @@ from typing import Any, Callable
 import lightning as L
 import sacrebleu
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
