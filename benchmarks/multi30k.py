@@ -2,6 +2,11 @@
 score with sacreBLEU, and save the numbers and a learning curve under benchmarks/results/.
 
     python benchmarks/multi30k.py --recipe recipes/multi30k/en_de.yaml --data-dir ../shared/data
+
+--reuse takes a finished benchmark run whose training settings equal the recipe's (training is deterministic
+under its seed, so retraining would give the same weights) and redoes only what the decode section
+decides: which checkpoints are averaged, and the test translation. Its training time is the one measured
+when that run trained (saved in RUN_DIR/benchmark_train.json).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save_result  # noqa: E402
 
-from translator.checkpoint import load_torch_checkpoint  # noqa: E402
+from translator.checkpoint import export_weights, load_torch_checkpoint, read_recipe, write_recipe  # noqa: E402
 from translator.cli import _setup_logging, main as cli  # noqa: E402
 from translator.config import load_recipe  # noqa: E402
 from translator.training import fit  # noqa: E402
@@ -51,6 +56,30 @@ def plot(curve: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+# Settings that do not change the trained weights.
+BOOKKEEPING = {"keep_last", "log_every"}
+
+
+def reuse(run_dir: Path, recipe) -> float:
+    """Apply the recipe's decode section to a finished run with the same training settings; its train seconds."""
+    trained = read_recipe(run_dir)
+    record = run_dir / "benchmark_train.json"
+    if not record.is_file():
+        raise SystemExit(f"{run_dir}: no benchmark_train.json; --reuse takes runs this benchmark trained")
+    mine, theirs = recipe.to_dict(), trained.to_dict()
+    for section in ("model", "data", "tokenizer", "train"):
+        a = {k: v for k, v in mine[section].items() if k not in BOOKKEEPING and v is not None}
+        b = {k: v for k, v in theirs[section].items() if k not in BOOKKEEPING and k in a}
+        if a != b:
+            raise SystemExit(f"{run_dir} was trained with other {section} settings: {b} != {a}")
+    if load_torch_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] != trained.train.max_steps:
+        raise SystemExit(f"{run_dir}: training did not finish")
+    trained.decode = recipe.decode
+    write_recipe(trained, run_dir)
+    export_weights(run_dir, recipe.decode.average_last)
+    return json.loads(record.read_text())["train_seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/multi30k/en_de.yaml")
@@ -59,20 +88,24 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--max-steps", type=int, help="override the recipe's steps (for a quick check)")
     parser.add_argument("--name", help="result name (default: multi30k_<src>_<tgt>[_<device>])")
+    parser.add_argument("--reuse", action="store_true", help="re-decode a finished run trained with these settings")
     args = parser.parse_args()
 
     recipe = load_recipe(args.recipe)
     pair = f"{recipe.data.src_lang}_{recipe.data.tgt_lang}"
     name = args.name or f"multi30k_{pair}" + ("" if args.device == "cpu" else f"_{args.device}")
     run_dir = Path(args.out or f"runs/bench_{name}")
-    if run_dir.exists():
-        raise SystemExit(f"{run_dir} exists; remove it or pass another --out")
-
-    _setup_logging(debug=False)  # progress lines on stderr
-    start = time.perf_counter()
-    fit(recipe, run_dir, data_dir=args.data_dir, max_steps=args.max_steps,
-        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, progress_bar=False)
-    train_seconds = time.perf_counter() - start
+    if args.reuse:
+        train_seconds = reuse(run_dir, recipe)
+    elif run_dir.exists():
+        raise SystemExit(f"{run_dir} exists; remove it, pass another --out, or --reuse it")
+    else:
+        _setup_logging(debug=False)  # progress lines on stderr
+        start = time.perf_counter()
+        fit(recipe, run_dir, data_dir=args.data_dir, max_steps=args.max_steps,
+            accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, progress_bar=False)
+        train_seconds = time.perf_counter() - start
+        (run_dir / "benchmark_train.json").write_text(json.dumps({"train_seconds": train_seconds}) + "\n")
     last = load_torch_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 
     # Test2016, beam search with the recipe's settings, on the averaged weights fit() exported.
