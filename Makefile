@@ -46,7 +46,7 @@ average:
 
 # Benchmarks (write benchmarks/results/*.json and plots). BENCH_DEVICE=cuda on a GPU machine.
 BENCH_DEVICE ?= cpu
-.PHONY: bench-multi30k bench-multi30k-de-en
+.PHONY: bench-multi30k bench-multi30k-de-en bench-decode bench-train bench-decoder-only
 bench-multi30k:
 	rm -rf runs/bench_multi30k_en_de
 	$(PYTHON) benchmarks/multi30k.py --recipe recipes/multi30k/en_de.yaml --data-dir $(DATA) --device $(BENCH_DEVICE)
@@ -54,3 +54,18 @@ bench-multi30k:
 bench-multi30k-de-en:
 	rm -rf runs/bench_multi30k_de_en
 	$(PYTHON) benchmarks/multi30k.py --recipe recipes/multi30k/de_en.yaml --data-dir $(DATA) --device $(BENCH_DEVICE)
+
+# Decoding speed vs Hugging Face generate and CTranslate2 on a trained run (default: the en->de benchmark's).
+BENCH_MODEL ?= runs/bench_multi30k_en_de
+bench-decode:
+	$(PYTHON) benchmarks/decode_speed.py --model $(BENCH_MODEL) --data-dir $(DATA) --device $(BENCH_DEVICE)
+
+# Training tokens/s and MFU, transformer_base and _big, vs a same-size Hugging Face Marian (few steps on a CPU).
+BENCH_STEPS ?= $(if $(filter cuda,$(BENCH_DEVICE)),20,3)
+bench-train:
+	$(PYTHON) benchmarks/train_throughput.py --data-dir $(DATA) --device $(BENCH_DEVICE) --steps $(BENCH_STEPS)
+
+# Decoder-only vs encoder-decoder translation, and speculative decoding (CPU).
+DECODER_ONLY_STEPS ?= 600
+bench-decoder-only:
+	$(PYTHON) benchmarks/decoder_only.py --data-dir $(DATA) --steps $(DECODER_ONLY_STEPS)

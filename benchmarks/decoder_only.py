@@ -50,12 +50,14 @@ def train(name: str, args, tokenizer_from: Path | None) -> Path:
     run.mkdir(parents=True)
     if tokenizer_from is not None:  # one vocabulary for all: drafts must share the target's
         shutil.copyfile(tokenizer_from, run / TOKENIZER)
-    recipe, overrides = MODELS[name]
-    overrides = overrides + [f"train.max_steps={args.steps}", f"train.cooldown={args.steps // 3}",
-                                f"train.val_every={args.steps}", "train.val_bleu=none", f"train.save_every={args.steps // 6}",
-                                "train.keep_last=3", "decode.average_last=3"]
+    path, overrides = MODELS[name]
+    recipe = load_recipe(path)
+    scale = args.steps / recipe.train.max_steps  # the recipe's schedule, shrunk to --steps
+    overrides = overrides + [f"train.max_steps={args.steps}", f"train.warmup={round(recipe.train.warmup * scale)}",
+                             f"train.cooldown={round(recipe.train.cooldown * scale)}", f"train.val_every={args.steps}",
+                             "train.val_bleu=none", f"train.save_every={args.steps}"]
     start = time.perf_counter()
-    fit(load_recipe(recipe, overrides), run, data_dir=args.data_dir, progress_bar=False)
+    fit(load_recipe(path, overrides), run, data_dir=args.data_dir, progress_bar=False)
     (run / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     return run
 
