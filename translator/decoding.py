@@ -60,9 +60,12 @@ def _log_probs(logits: Tensor, eos: int, banned: Sequence[int], must_end: Tensor
     lprobs[:, list(banned)] = -torch.inf
     if not may_end:
         lprobs[:, eos] = -torch.inf
-    forced = torch.full_like(lprobs, -torch.inf)
-    forced[:, eos] = lprobs[:, eos]
-    return torch.where(must_end[:, None], forced, lprobs)
+    rows = must_end.nonzero().squeeze(1)  # usually none: edit those rows only, not the whole (N, V) matrix
+    if rows.numel():
+        eos_lprobs = lprobs[rows, eos]
+        lprobs[rows] = -torch.inf
+        lprobs[rows, eos] = eos_lprobs
+    return lprobs
 
 
 def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
