@@ -52,9 +52,13 @@ def train(name: str, args, tokenizer_from: Path | None) -> Path:
         shutil.copyfile(tokenizer_from, run / TOKENIZER)
     path, overrides = MODELS[name]
     recipe = load_recipe(path)
-    scale = args.steps / recipe.train.max_steps  # the recipe's schedule, shrunk to --steps
-    overrides = overrides + [f"train.max_steps={args.steps}", f"train.warmup={round(recipe.train.warmup * scale)}",
-                             f"train.cooldown={round(recipe.train.cooldown * scale)}", f"train.val_every={args.steps}",
+    # The recipe's schedule shrunk to --steps: warmup and cooldown in proportion, and the same peak learning
+    # rate (the inverse-sqrt peak grows as warmup^-0.5, so lr_scale shrinks with it).
+    t, scale = recipe.train, args.steps / recipe.train.max_steps
+    warmup = max(1, round(t.warmup * scale))
+    overrides = overrides + [f"train.max_steps={args.steps}", f"train.warmup={warmup}",
+                             f"train.lr_scale={t.lr_scale * (warmup / t.warmup) ** 0.5:.4f}",
+                             f"train.cooldown={round(t.cooldown * scale)}", f"train.val_every={args.steps}",
                              "train.val_bleu=none", f"train.save_every={args.steps}"]
     start = time.perf_counter()
     fit(load_recipe(path, overrides), run, data_dir=args.data_dir, progress_bar=False)
@@ -87,9 +91,10 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=4, help="draft tokens per speculation round")
     args = parser.parse_args()
 
-    runs = {"encoder_decoder": train("encoder_decoder", args, None)}
-    tokenizer_file = runs["encoder_decoder"] / TOKENIZER
-    for name in ("decoder_only", "draft_encoder_decoder", "draft_decoder_only"):
+    # The drafts first: the first run trains the tokenizer that all share.
+    runs = {"draft_encoder_decoder": train("draft_encoder_decoder", args, None)}
+    tokenizer_file = runs["draft_encoder_decoder"] / TOKENIZER
+    for name in ("draft_decoder_only", "encoder_decoder", "decoder_only"):
         runs[name] = train(name, args, tokenizer_file)
 
     recipe = load_recipe(ENCODER_DECODER)
