@@ -356,6 +356,13 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
 
 # -- the parser ----------------------------------------------------------------------------------------------------
 
+def _add_sampling(p) -> None:
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the smallest set with this mass")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_decoding(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding (defaults: the run's recipe, decode section)")
     g.add_argument("--beam", type=int, help="beam size; 1 is greedy (paper: 4)")
@@ -411,10 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding(p)
     g = p.add_argument_group("sampling (instead of beam search)")
     g.add_argument("--sample", action="store_true", help="sample translations instead of searching")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample among the smallest set with this mass")
-    g.add_argument("--seed", type=int, default=0)
+    _add_sampling(g)
     g = p.add_argument_group("speculative decoding (greedy or sampling, one sentence at a time)")
     g.add_argument("--draft", help="a smaller model (run directory) with the same architecture and vocabulary that "
                                    "proposes tokens; greedy output is unchanged, only faster when the draft agrees")
@@ -439,11 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", help="prompts, one per line (default: stdin)")
     p.add_argument("-o", "--output", help="output file, written when complete (default: stdout)")
     p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample among the smallest set with this mass")
     p.add_argument("--greedy", action="store_true", help="the most probable token each step instead of sampling")
-    p.add_argument("--seed", type=int, default=0)
+    _add_sampling(p)
     p.add_argument("--echo", action="store_true", help="write the prompt before its continuation")
     p.add_argument("--chunk-lines", type=int, default=10000, help="prompts read, generated and written at a time")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
