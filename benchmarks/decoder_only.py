@@ -61,7 +61,10 @@ def train(name: str, args, tokenizer_from: Path | None) -> Path:
                              f"train.cooldown={round(t.cooldown * scale)}", f"train.val_every={args.steps}",
                              "train.val_bleu=none", f"train.save_every={args.steps}"]
     start = time.perf_counter()
-    fit(load_recipe(path, overrides), run, data_dir=args.data_dir, progress_bar=False)
+    if args.device == "cuda":
+        overrides.append("train.precision=bf16-mixed")
+    fit(load_recipe(path, overrides), run, data_dir=args.data_dir, progress_bar=False,
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1)
     (run / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     return run
 
@@ -89,6 +92,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="training steps for each model")
     parser.add_argument("--speculative-sentences", type=int, default=200)
     parser.add_argument("-k", type=int, default=4, help="draft tokens per speculation round")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda trains in bf16-mixed")
     args = parser.parse_args()
 
     # The drafts first: the first run trains the tokenizer that all share.
@@ -102,7 +106,7 @@ def main() -> None:
     metrics: dict = {"steps": args.steps}
     models = {}
     for name, run in runs.items():
-        model, tokenizer, run_recipe = load_model(run)
+        model, tokenizer, run_recipe = load_model(run, args.device)
         models[name] = model
         row = {"parameters": count_parameters(model), "train_seconds": float((run / "train_seconds.txt").read_text())}
         if not name.startswith("draft"):
@@ -124,7 +128,8 @@ def main() -> None:
     for arch in ("encoder_decoder", "decoder_only"):
         metrics[f"speculative_{arch}"] = speculative_run(models[arch], models[f"draft_{arch}"], sources, args.k)
         print(f"speculative {arch}", metrics[f"speculative_{arch}"], flush=True)
-    save_result("decoder_only_vs_encoder_decoder_cpu", metrics, "cpu", recipes=[ENCODER_DECODER, DECODER_ONLY])
+    save_result(f"decoder_only_vs_encoder_decoder_{args.device}", metrics, args.device,
+                recipes=[ENCODER_DECODER, DECODER_ONLY])
 
 
 if __name__ == "__main__":

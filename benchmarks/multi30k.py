@@ -87,11 +87,13 @@ def main() -> None:
     parser.add_argument("--out", help="run directory (default: runs/bench_<recipe>)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--max-steps", type=int, help="override the recipe's steps (for a quick check)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set train.precision=bf16-mixed (on a GPU)")
     parser.add_argument("--name", help="result name (default: multi30k_<src>_<tgt>[_<device>])")
     parser.add_argument("--reuse", action="store_true", help="re-decode a finished run trained with these settings")
     args = parser.parse_args()
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     pair = f"{recipe.data.src_lang}_{recipe.data.tgt_lang}"
     name = args.name or f"multi30k_{pair}" + ("" if args.device == "cpu" else f"_{args.device}")
     run_dir = Path(args.out or f"runs/bench_{name}")

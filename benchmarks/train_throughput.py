@@ -107,7 +107,7 @@ def main() -> None:
     timed = batches[args.warmup:]
     peak = H100_BF16_PEAK if device == "cuda" else measured_cpu_peak()
     metrics: dict = {"max_tokens": max_tokens, "dtype": str(dtype).removeprefix("torch."), "vocab_size": vocab,
-                     "steps": args.steps, "peak_flops": peak,
+                     "steps": args.steps, "peak_flops": peak, "compiled": args.compile,
                      "peak_source": "H100 SXM dense bf16" if device == "cuda" else "measured 2048^3 fp32 matmul"}
     for name in args.models:
         torch.manual_seed(0)
@@ -139,7 +139,7 @@ def main() -> None:
     first = metrics[args.models[-1]]
     metrics.update(mfu=first["mfu"], tokens_per_second=first["tokens_per_second"],
                    speedup_vs_hf=first.get("speedup_vs_hf"), headline_model=args.models[-1])
-    save_result(f"train_throughput_{device}", metrics, device, extra_versions=("transformers",))
+    save_result(f"train_throughput_{device}" + ("_compiled" if args.compile else ""), metrics, device, extra_versions=("transformers",))
 
 
 if __name__ == "__main__":
