@@ -54,18 +54,43 @@ def _as_lengths(max_len: int | Tensor, batch: int, device: torch.device) -> Tens
     return torch.full((batch,), int(max_len), device=device, dtype=torch.long)
 
 
-def _log_probs(logits: Tensor, eos: int, banned: Sequence[int], must_end: Tensor, may_end: bool) -> Tensor:
-    """Log-softmax in float32 with banned tokens removed; rows in must_end may only produce EOS."""
-    lprobs = torch.log_softmax(logits.float(), dim=-1)
-    lprobs[:, list(banned)] = -torch.inf
-    if not may_end:
-        lprobs[:, eos] = -torch.inf
+def _excluded(eos: int, banned: Sequence[int], may_end: bool) -> list[int]:
+    return list(banned) + ([] if may_end else [eos])
+
+
+def _restrict(logits: Tensor, eos: int, banned: Sequence[int], must_end: Tensor, may_end: bool) -> Tensor:
+    """A float32 copy of the logits with banned tokens removed; rows in must_end may only produce EOS."""
+    logits = logits.float().clone()
+    logits[:, _excluded(eos, banned, may_end)] = -torch.inf
     rows = must_end.nonzero().squeeze(1)  # usually none: edit those rows only, not the whole (N, V) matrix
     if rows.numel():
-        eos_lprobs = lprobs[rows, eos]
-        lprobs[rows] = -torch.inf
-        lprobs[rows, eos] = eos_lprobs
-    return lprobs
+        eos_logits = logits[rows, eos]
+        logits[rows] = -torch.inf
+        logits[rows, eos] = eos_logits
+    return logits
+
+
+def _best_allowed(logits: Tensor, k: int, eos: int, banned: Sequence[int], must_end: Tensor,
+                  may_end: bool) -> tuple[Tensor, Tensor]:
+    """The k best tokens of each row that _restrict would allow, best first: (logits in float32, tokens), both
+    (N, k), padded with (-inf, EOS) where fewer are allowed. One top-k over the (N, V) logits, which are
+    neither normalised nor copied: argmax and beam search need neither."""
+    excluded = _excluded(eos, banned, may_end)
+    values, tokens = logits.topk(min(k + len(excluded), logits.size(-1)), dim=-1)
+    values = values.float()
+    if excluded:
+        values = values.masked_fill(torch.isin(tokens, torch.tensor(excluded, device=tokens.device)), -torch.inf)
+    rows = must_end.nonzero().squeeze(1)
+    if rows.numel():
+        values[rows] = -torch.inf
+        values[rows, 0] = logits[rows, eos].float()
+        tokens[rows, 0] = eos
+    if values.size(1) < k:  # a vocabulary smaller than k (tiny test models)
+        pad = k - values.size(1)
+        values = torch.nn.functional.pad(values, (0, pad), value=-torch.inf)
+        tokens = torch.nn.functional.pad(tokens, (0, pad), value=eos)
+    values, order = values.topk(k, dim=-1)  # the excluded ones fall behind
+    return values, tokens.gather(1, order)
 
 
 def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -82,7 +107,8 @@ def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float)
 
 
 def _generate(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
-              choose: Callable[[Tensor], Tensor], banned: Sequence[int], min_len: int) -> list[list[int]]:
+              choose: Callable[[Tensor, Tensor, bool], Tensor], min_len: int) -> list[list[int]]:
+    """choose(logits, must_end, may_end) -> the next token of each row."""
     B, device = prefix.size(0), prefix.device
     limit = _as_lengths(max_len, B, device)
     tokens = prefix
@@ -90,8 +116,7 @@ def _generate(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor,
     out: list[list[int]] = [[] for _ in range(B)]
     generated = []
     for t in range(int(limit.max()) + 1):
-        lprobs = _log_probs(step(tokens, state), eos, banned, t >= limit[alive], t >= min_len)
-        nxt = choose(lprobs)  # (n,)
+        nxt = choose(step(tokens, state), t >= limit[alive], t >= min_len)  # (n,)
         generated.append((alive, nxt))
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         ended = nxt == eos
@@ -111,7 +136,10 @@ def _generate(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor,
 def greedy(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
            banned: Sequence[int] = (), min_len: int = 0) -> list[list[int]]:
     """The most probable next token at every step."""
-    return _generate(step, state, prefix, max_len, eos, lambda lp: lp.argmax(dim=-1), banned, min_len)
+    def choose(logits: Tensor, must_end: Tensor, may_end: bool) -> Tensor:
+        return _best_allowed(logits, 1, eos, banned, must_end, may_end)[1][:, 0]
+
+    return _generate(step, state, prefix, max_len, eos, choose, min_len)
 
 
 def sample(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
@@ -123,11 +151,12 @@ def sample(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eo
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must lie in (0, 1]")
 
-    def choose(lprobs: Tensor) -> Tensor:
-        probs = _filter_logits(lprobs, temperature, top_k, top_p).softmax(dim=-1)
+    def choose(logits: Tensor, must_end: Tensor, may_end: bool) -> Tensor:
+        allowed = _restrict(logits, eos, banned, must_end, may_end)
+        probs = _filter_logits(allowed, temperature, top_k, top_p).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _generate(step, state, prefix, max_len, eos, choose, banned, min_len)
+    return _generate(step, state, prefix, max_len, eos, choose, min_len)
 
 
 def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
@@ -141,37 +170,39 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
         raise ValueError(f"nbest={nbest} must lie between 1 and beam_size={beam_size}")
     B, K, device = prefix.size(0), beam_size, prefix.device
     limit = _as_lengths(max_len, B, device)
-    state.reorder(torch.arange(B, device=device).repeat_interleave(K), group=K)
-    tokens = prefix.repeat_interleave(K, dim=0)  # (B*K, T)
-    scores = torch.zeros(B, K, device=device)
-    scores[:, 1:] = -torch.inf  # the beams start identical: keep one so the first step does not repeat it
+    tokens = prefix  # (n * width, T): a sentence's beams start as one row, so the first step runs once per sentence
+    scores = torch.zeros(B, 1, device=device)  # (n, width)
     sentences = torch.arange(B, device=device)  # original index of each sentence still searching
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     start = prefix.size(1)
     for t in range(int(limit.max()) + 1):
-        n = sentences.numel()
-        must_end = (t >= limit[sentences]).repeat_interleave(K)
-        lprobs = _log_probs(step(tokens, state), eos, banned, must_end, t >= min_len)
-        V = lprobs.size(-1)
-        candidates = (scores.view(-1, 1) + lprobs).view(n, K * V)
+        n, width = scores.shape
+        logits = step(tokens, state)
+        log_normaliser = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+        # The best 2K candidates of a sentence lie among the best 2K of each of its beams: rank only those,
+        # and normalise only those (log p = logit - log normaliser).
+        beam_logits, beam_tokens = _best_allowed(logits, 2 * K, eos, banned,
+                                                 (t >= limit[sentences]).repeat_interleave(width), t >= min_len)
+        candidates = (scores.view(-1, 1) + (beam_logits - log_normaliser)).view(n, width * 2 * K)
         top, index = candidates.topk(2 * K, dim=1)
-        beam, token = index // V, index % V
+        beam, token = index // (2 * K), beam_tokens.view(n, width * 2 * K).gather(1, index)
         is_eos = token == eos
 
         ends = is_eos[:, :K] & (top[:, :K] > -torch.inf)
         if bool(ends.any()):
             i, j = ends.nonzero(as_tuple=True)
-            rows = i * K + beam[i, j]
+            rows = i * width + beam[i, j]
             penalty = length_penalty(t + 1, alpha, lp_form)
             for s, seq, score in zip(sentences[i].tolist(), tokens[rows, start:].tolist(), (top[i, j] / penalty).tolist()):
                 if len(finished[s]) < K:
                     finished[s].append(Hypothesis(seq, score))
 
-        # Continue with the best K candidates that are not EOS (there are at least K among 2K).
+        # Continue with the best K candidates that are not EOS (with a real vocabulary there are at least K
+        # among 2K; where there are not, an EOS fills the place, scored -inf so that it never competes).
         rank = torch.arange(2 * K, device=device) + is_eos * 2 * K
         keep = rank.topk(K, dim=1, largest=False).indices
-        scores, token = top.gather(1, keep), token.gather(1, keep)
-        rows = (torch.arange(n, device=device)[:, None] * K + beam.gather(1, keep)).view(-1)
+        scores, token = top.gather(1, keep).masked_fill(is_eos.gather(1, keep), -torch.inf), token.gather(1, keep)
+        rows = (torch.arange(n, device=device)[:, None] * width + beam.gather(1, keep)).view(-1)
 
         done = torch.tensor([len(finished[s]) >= K for s in sentences.tolist()], device=device) | (t >= limit[sentences])
         if bool(done.all()):
