@@ -58,7 +58,7 @@ def source_limit(model: EncoderDecoder | DecoderOnly) -> int:
     return cfg.max_positions - 1 if cfg.arch == "encoder_decoder" else cfg.max_positions // 2 - 2
 
 
-@torch.no_grad()
+@torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
 def translate_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequence[int]], options: DecodeConfig,
                   mode: str = "beam", nbest: int = 1, sampling: dict | None = None,
                   generator: torch.Generator | None = None) -> list[list[list[int]]]:
@@ -89,7 +89,7 @@ def translate_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequenc
     return results
 
 
-@torch.no_grad()
+@torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
 def speculative_ids(model: EncoderDecoder | DecoderOnly, draft: EncoderDecoder | DecoderOnly,
                     sources: Sequence[Sequence[int]], options: DecodeConfig, k: int = 4, sampling: dict | None = None,
                     generator: torch.Generator | None = None) -> tuple[list[list[int]], float]:
@@ -115,7 +115,7 @@ def speculative_ids(model: EncoderDecoder | DecoderOnly, draft: EncoderDecoder |
     return outputs, accepted / max(proposed, 1)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
 def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: str = "sample",
                  sampling: dict | None = None, generator: torch.Generator | None = None,
                  batch_tokens: int = 8192) -> list[list[int]]:
