@@ -18,6 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_result  # noqa: E402
 from train_throughput import make_batches  # noqa: E402
 
 from translator import ModelConfig, build_model  # noqa: E402
@@ -70,6 +71,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device == "cuda" or None)
     backends = args.backends if device == "cuda" else ["default"]
     variants = [(name, False) for name in backends] + ([(name, True) for name in backends] if args.compile else [])
+    timings: dict = {"model": args.model, "max_tokens": args.max_tokens, "steps": args.steps}
     for name, compiled in variants:
         chosen = BACKENDS[name]
         network = torch.compile(model) if compiled else model
@@ -79,11 +81,14 @@ def main() -> None:
                 varying = timed(network, optimizer, batches[: args.steps], device, dtype)
                 varying_again = timed(network, optimizer, batches[: args.steps], device, dtype)  # shapes seen before
                 fixed = timed(network, optimizer, [batches[args.steps]] * args.steps, device, dtype)
+            timings[label] = {"new_shapes_ms": round(varying * 1e3, 1), "seen_shapes_ms": round(varying_again * 1e3, 1),
+                              "one_shape_ms": round(fixed * 1e3, 1)}
             print(f"{label:30s} median step: new shapes {varying * 1e3:7.1f} ms, same shapes again "
                   f"{varying_again * 1e3:7.1f} ms, one shape repeated {fixed * 1e3:7.1f} ms", flush=True)
         except Exception as e:  # a backend that cannot take these inputs says so; the others still run
             print(f"{label:30s} failed: {str(e).splitlines()[0]}", flush=True)
         torch._dynamo.reset()
+    save_result(f"train_step_backends_{device}", timings, device)
     if args.no_profile:
         return
 
