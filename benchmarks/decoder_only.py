@@ -1,7 +1,7 @@
 """Decoder-only vs encoder-decoder translation at (about) equal parameter count on Multi30k en->de, and
 speculative decoding for both with a small draft model on the same vocabulary.
 
-    python benchmarks/decoder_only.py --data-dir ../shared/data --steps 600
+    python benchmarks/decoder_only.py --data-dir ../shared/data --steps 1800 [--device cuda]
 
 Both translation models train with the same settings (recipes/multi30k/en_de.yaml and en_de_decoder_only.yaml:
 same tokenizer, steps, schedule); the decoder-only model reads `BOS source EOS target EOS` with a bidirectional (prefix-LM) source.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_result  # noqa: E402
 
 from translator import count_parameters  # noqa: E402
-from translator.checkpoint import TOKENIZER, load_model  # noqa: E402
+from translator.checkpoint import TOKENIZER, load_model, read_recipe  # noqa: E402
 from translator.cli import score_files, translate_lines  # noqa: E402
 from translator.config import DecodeConfig, load_recipe  # noqa: E402
 from translator.data import load_corpus  # noqa: E402
@@ -44,8 +44,8 @@ MODELS = {
 
 def train(name: str, args, tokenizer_from: Path | None) -> Path:
     run = Path(args.out) / name
-    if (run / "model.safetensors").exists():
-        return run
+    if (run / "model.safetensors").exists() and read_recipe(run).train.max_steps == args.steps:
+        return run  # trained by an earlier run of this benchmark with the same settings
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     if tokenizer_from is not None:  # one vocabulary for all: drafts must share the target's
@@ -88,12 +88,13 @@ def speculative_run(target, draft, sources: list[list[int]], k: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--out", default="runs/bench_decoder_only")
+    parser.add_argument("--out", help="where the four runs go (default: runs/bench_decoder_only[_cuda])")
     parser.add_argument("--steps", type=int, default=600, help="training steps for each model")
     parser.add_argument("--speculative-sentences", type=int, default=200)
     parser.add_argument("-k", type=int, default=4, help="draft tokens per speculation round")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda trains in bf16-mixed")
     args = parser.parse_args()
+    args.out = args.out or "runs/bench_decoder_only" + ("_cuda" if args.device == "cuda" else "")
 
     # The drafts first: the first run trains the tokenizer that all share.
     runs = {"draft_encoder_decoder": train("draft_encoder_decoder", args, None)}
