@@ -60,9 +60,9 @@ def train(name: str, args, tokenizer_from: Path | None) -> Path:
                              f"train.lr_scale={t.lr_scale * (warmup / t.warmup) ** 0.5:.4f}",
                              f"train.cooldown={round(t.cooldown * scale)}", f"train.val_every={args.steps}",
                              "train.val_bleu=none", f"train.save_every={args.steps}"]
-    start = time.perf_counter()
     if args.device == "cuda":
         overrides.append("train.precision=bf16-mixed")
+    start = time.perf_counter()
     fit(load_recipe(path, overrides), run, data_dir=args.data_dir, progress_bar=False,
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1)
     (run / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")

@@ -80,11 +80,11 @@ def _best_allowed(logits: Tensor, k: int, eos: int, banned: Sequence[int], must_
     values = values.float()
     if excluded:
         values = values.masked_fill(torch.isin(tokens, torch.tensor(excluded, device=tokens.device)), -torch.inf)
-    rows = must_end.nonzero().squeeze(1)
-    if rows.numel():
-        values[rows] = -torch.inf
-        values[rows, 0] = logits[rows, eos].float()
-        tokens[rows, 0] = eos
+    # Rows that must end offer EOS alone: a select on the (N, k) candidates, no host sync.
+    only_eos = torch.full_like(values, -torch.inf)
+    only_eos[:, 0] = logits[:, eos].float()
+    values = torch.where(must_end[:, None], only_eos, values)
+    tokens = torch.where(must_end[:, None] & (torch.arange(tokens.size(1), device=tokens.device) == 0), eos, tokens)
     if values.size(1) < k:  # a vocabulary smaller than k (tiny test models)
         pad = k - values.size(1)
         values = torch.nn.functional.pad(values, (0, pad), value=-torch.inf)
