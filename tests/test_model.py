@@ -215,9 +215,14 @@ def test_reorder_selects_rows_and_cross_attention_is_computed_once():
     assert state.memory is None  # cross-attention keys/values are cached, the memory is no longer needed
     cross_k, self_k = state.kv[0][1][0], state.kv[0][0][0]
     state.reorder(torch.tensor([2, 2, 0]))
+    state.reorder(torch.tensor([1, 0, 2]))  # reorders compose
     torch.testing.assert_close(state.kv[0][1][0], cross_k[[2, 2, 0]])
-    torch.testing.assert_close(state.kv[0][0][0], self_k[[2, 2, 0]])
-    assert state.kv[0][0][0].shape == (3, 2, 1, 16)  # (N, heads, positions, head_dim)
+    # Self-attention entries are reordered by the next append, in the same copy.
+    assert state.kv[0][0][0] is self_k and state.rows.tolist() == [2, 2, 0]
+    logits = model.step(torch.full((3, 2), BOS), state)
+    assert state.rows is None and state.kv[0][0][0].shape == (3, 2, 2, 16)  # (N, heads, positions, head_dim)
+    torch.testing.assert_close(state.kv[0][0][0][:, :, :1], self_k[[2, 2, 0]])
+    torch.testing.assert_close(logits, model(src[[2, 2, 0]], torch.full((3, 2), BOS))[:, -1], atol=1e-5, rtol=0)
     state.truncate(0)
     assert state.length == 0 and state.kv[0][0][0].shape[2] == 0
 
@@ -230,7 +235,7 @@ def test_beams_share_their_sentence_memory():
     cross_k = state.kv[0][1][0]
     # Expand to 2 beams per sentence: self-attention entries per row, cross-attention entries stay per sentence.
     state.reorder(torch.arange(3).repeat_interleave(2), group=2)
-    assert state.kv[0][0][0].shape[0] == 6 and state.kv[0][1][0] is cross_k
+    assert state.rows.shape[0] == 6 and state.kv[0][1][0] is cross_k
     # Reordering beams within sentences copies no memory; the logits match a plain batch of the same rows.
     state.reorder(torch.tensor([1, 1, 2, 3, 5, 4]), group=2)
     assert state.kv[0][1][0] is cross_k

@@ -70,13 +70,39 @@ def _restrict(logits: Tensor, eos: int, banned: Sequence[int], must_end: Tensor,
     return logits
 
 
+def _topk(x: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
+    """x.topk(k, dim=-1) for 2-D x. On CPU in two stages, since PyTorch's CPU top-k over vocabulary-wide rows
+    cost as much as the output projection: a row's k best lie in the k blocks (of `block` columns) whose maxima
+    are highest, so only those blocks are ranked. Same values; among equal values the index may differ."""
+    n, width = x.shape
+    blocks = width // block
+    if x.device.type != "cpu" or blocks <= k:
+        return x.topk(k, dim=-1)
+    best_blocks = x[:, :blocks * block].unflatten(1, (blocks, block)).amax(-1).topk(k, dim=-1).indices
+    columns = (best_blocks[:, :, None] * block + torch.arange(block, device=x.device)).flatten(1)
+    if blocks * block < width:  # the columns left over after the last whole block always compete
+        columns = torch.cat([columns, torch.arange(blocks * block, width, device=x.device).expand(n, -1)], dim=1)
+    values, order = x.gather(1, columns).topk(k, dim=-1)
+    return values, columns.gather(1, order)
+
+
+def _log_normaliser(logits: Tensor, rows: int = 64) -> Tensor:
+    """torch.logsumexp(logits.float(), dim=-1, keepdim=True), (N, 1), a block of rows at a time: its exp
+    needs a temporary as large as the logits, and a fresh (N, V) tensor per step cost more than the sum."""
+    top = logits.amax(dim=-1, keepdim=True).float()
+    total = torch.empty_like(top)
+    for i in range(0, logits.size(0), rows):
+        total[i:i + rows] = (logits[i:i + rows].float() - top[i:i + rows]).exp_().sum(dim=-1, keepdim=True)
+    return total.log_() + top
+
+
 def _best_allowed(logits: Tensor, k: int, eos: int, banned: Sequence[int], must_end: Tensor,
                   may_end: bool) -> tuple[Tensor, Tensor]:
     """The k best tokens of each row that _restrict would allow, best first: (logits in float32, tokens), both
     (N, k), padded with (-inf, EOS) where fewer are allowed. One top-k over the (N, V) logits, which are
     neither normalised nor copied: argmax and beam search need neither."""
     excluded = _excluded(eos, banned, may_end)
-    values, tokens = logits.topk(min(k + len(excluded), logits.size(-1)), dim=-1)
+    values, tokens = _topk(logits, min(k + len(excluded), logits.size(-1)))
     values = values.float()
     if excluded:
         values = values.masked_fill(torch.isin(tokens, torch.tensor(excluded, device=tokens.device)), -torch.inf)
@@ -178,7 +204,7 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
     for t in range(int(limit.max()) + 1):
         n, width = scores.shape
         logits = step(tokens, state)
-        log_normaliser = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+        log_normaliser = _log_normaliser(logits)
         # The best 2K candidates of a sentence lie among the best 2K of each of its beams: rank only those,
         # and normalise only those (log p = logit - log normaliser).
         beam_logits, beam_tokens = _best_allowed(logits, 2 * K, eos, banned,

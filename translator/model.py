@@ -5,8 +5,8 @@ One `Block` serves all three stacks: the encoder (bidirectional self-attention),
 self-attention + cross-attention) and the decoder-only model (causal self-attention, no cross-attention).
 
 Incremental decoding keeps past keys/values in a `DecodeState` that the caller owns and passes in;
-beam search reorders it with one index_select per tensor. Nothing is cached inside the modules, so
-training and inference run the same code.
+beam search reorders it, and the reorder is carried out by the next step's append, in the same copy.
+Nothing is cached inside the modules, so training and inference run the same code.
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency)
     return table.float()
+
+
+def _append(past: Tensor, new: Tensor, rows: Tensor | None) -> Tensor:
+    """torch.cat([past[rows], new], dim=2) in one copy: a beam reorder and the cache append together."""
+    if rows is None:
+        return torch.cat([past, new], dim=2)
+    out = new.new_empty(new.size(0), past.size(1), past.size(2) + new.size(2), past.size(3))
+    torch.index_select(past, 0, rows, out=out[:, :, :past.size(2)])
+    out[:, :, past.size(2):] = new
+    return out
 
 
 class _CpuDropout(torch.autograd.Function):
@@ -87,16 +97,17 @@ class MultiHeadAttention(nn.Module):
         return self._heads(k), self._heads(v)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False,
-                memory: Tensor | None = None, past: KV | None = None) -> tuple[Tensor, KV]:
+                memory: Tensor | None = None, past: KV | None = None,
+                past_rows: Tensor | None = None) -> tuple[Tensor, KV]:
         """x: (B, T, C). mask: bool, broadcastable to (B, H, T, S), True where attending is allowed.
-        past: for self-attention the keys/values of earlier positions (new ones are appended);
-        for cross-attention the memory's keys/values (reused as they are).
-        Returns the output (B, T, C) and the keys/values to cache."""
+        past: for self-attention the keys/values of earlier positions (new ones are appended), where row i
+        continues row past_rows[i] (default: row i); for cross-attention the memory's keys/values (reused
+        as they are). Returns the output (B, T, C) and the keys/values to cache."""
         B, T, C = x.shape
         if not self.cross:
             q, k, v = (self._heads(t) for t in self.qkv(x).split(C, dim=-1))
             if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+                k, v = _append(past[0], k, past_rows), _append(past[1], v, past_rows)
         else:
             q = self._heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))
             k, v = past if past is not None else self.memory_kv(memory)
@@ -149,8 +160,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False,
                 memory: Tensor | None = None, memory_mask: Tensor | None = None,
-                past: tuple[KV | None, KV | None] = (None, None)) -> tuple[Tensor, tuple[KV, KV | None]]:
-        y, self_kv = self.self_attn(self._input(x, self.self_attn_norm), mask, causal, past=past[0])
+                past: tuple[KV | None, KV | None] = (None, None),
+                past_rows: Tensor | None = None) -> tuple[Tensor, tuple[KV, KV | None]]:
+        y, self_kv = self.self_attn(self._input(x, self.self_attn_norm), mask, causal, past=past[0], past_rows=past_rows)
         x = self._residual(x, y, self.self_attn_norm)
         cross_kv = None
         if self.cross_attn is not None:
@@ -173,9 +185,11 @@ class Stack(nn.Module):
                 state: DecodeState | None = None) -> Tensor:
         for i, block in enumerate(self.blocks):
             past = state.kv[i] if state is not None else (None, None)
-            x, kv = block(x, mask, causal, memory, memory_mask, past)
+            x, kv = block(x, mask, causal, memory, memory_mask, past, state.rows if state is not None else None)
             if state is not None:
                 state.kv[i] = kv
+        if state is not None:
+            state.rows = None  # every layer's append has carried out the pending reorder
         return self.norm(x)
 
 
@@ -205,9 +219,10 @@ class DecodeState:
     """What incremental decoding carries from step to step; owned and passed in by the caller.
 
     kv[i] = (self-attention keys/values of the positions seen so far, cross-attention keys/values of the
-    memory) for layer i. Self-attention entries are per row; the memory and its cross-attention entries are
-    per sentence, shared by the sentence's `group` consecutive rows (its beams), so reordering beams never
-    copies them. `pad_len` counts left padding per row (decoder-only prompts of unequal length): those
+    memory) for layer i. Self-attention entries are per row; a reorder of them waits in `rows` (row i
+    continues row rows[i]) until the next step appends to them: one copy per step instead of two. The memory
+    and its cross-attention entries are per sentence, shared by the sentence's `group` consecutive rows (its
+    beams), so reordering beams never copies them. `pad_len` counts left padding per row (decoder-only prompts of unequal length): those
     positions are never attended to, and positions count from the first real token."""
 
     kv: list[tuple[KV | None, KV | None]]
@@ -216,6 +231,7 @@ class DecodeState:
     pad_len: Tensor | None = None  # (N,)
     length: int = 0  # positions fed so far
     group: int = 1  # rows per sentence
+    rows: Tensor | None = None  # pending reorder of the self-attention entries
 
     def reorder(self, index: Tensor, group: int = 1) -> None:
         """Row i becomes what row index[i] was (beam reordering, expanding to beams, dropping finished rows).
@@ -229,8 +245,8 @@ class DecodeState:
 
         def per_sentence(t):
             return t if t is None or unchanged else t.index_select(0, sentences)
-        self.kv = [(None if s is None else (rows(s[0]), rows(s[1])),
-                    None if c is None else (per_sentence(c[0]), per_sentence(c[1]))) for s, c in self.kv]
+        self.rows = index if self.rows is None else self.rows.index_select(0, index)
+        self.kv = [(s, None if c is None else (per_sentence(c[0]), per_sentence(c[1]))) for s, c in self.kv]
         self.memory, self.memory_mask = per_sentence(self.memory), per_sentence(self.memory_mask)
         self.pad_len = rows(self.pad_len)
         self.group = group
