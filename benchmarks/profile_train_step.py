@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     parser.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
+    parser.add_argument("--dynamic", action="store_true", help="compile with dynamic shapes (one graph for all batch "
+                                                                "shapes instead of one per shape)")
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
     device, dtype = args.device, torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -74,8 +76,8 @@ def main() -> None:
     timings: dict = {"model": args.model, "max_tokens": args.max_tokens, "steps": args.steps}
     for name, compiled in variants:
         chosen = BACKENDS[name]
-        network = torch.compile(model) if compiled else model
-        label = name + (" compiled" if compiled else "")
+        network = torch.compile(model, dynamic=args.dynamic or None) if compiled else model
+        label = name + (" compiled" + (" dynamic" if args.dynamic else "") if compiled else "")
         try:
             with sdpa_kernel(chosen) if chosen else contextlib.nullcontext():
                 varying = timed(network, optimizer, batches[: args.steps], device, dtype)
@@ -83,8 +85,10 @@ def main() -> None:
                 fixed = timed(network, optimizer, [batches[args.steps]] * args.steps, device, dtype)
             timings[label] = {"new_shapes_ms": round(varying * 1e3, 1), "seen_shapes_ms": round(varying_again * 1e3, 1),
                               "one_shape_ms": round(fixed * 1e3, 1)}
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if compiled else 0
             print(f"{label:30s} median step: new shapes {varying * 1e3:7.1f} ms, same shapes again "
-                  f"{varying_again * 1e3:7.1f} ms, one shape repeated {fixed * 1e3:7.1f} ms", flush=True)
+                  f"{varying_again * 1e3:7.1f} ms, one shape repeated {fixed * 1e3:7.1f} ms"
+                  + (f", {graphs} graphs compiled" if compiled else ""), flush=True)
         except Exception as e:  # a backend that cannot take these inputs says so; the others still run
             print(f"{label:30s} failed: {str(e).splitlines()[0]}", flush=True)
         torch._dynamo.reset()
@@ -99,7 +103,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 

@@ -24,9 +24,15 @@ def test_ctranslate2_greedy_equals_ours(toy_model_dir, tmp_path):
 
     translator = ctranslate2.Translator(str(out), device="cpu", compute_type="float32")
     pieces = [[tokenizer.sp.id_to_piece(i) for i in s] for s in sources]
-    limits = [int(options.max_len_a * len(s) + options.max_len_b) for s in sources]
-    results = translator.translate_batch(pieces, beam_size=1, max_decoding_length=max(limits))
-    theirs = [[tokenizer.sp.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
+    # Our limit is per sentence (a * source length with EOS + b); CTranslate2's is per call: one call per limit,
+    # so that a sentence that never ends stops at the same length in both.
+    limits = [int(options.max_len_a * (len(s) + 1) + options.max_len_b) for s in sources]
+    theirs = [None] * len(sources)
+    for limit in set(limits):
+        rows = [i for i, n in enumerate(limits) if n == limit]
+        results = translator.translate_batch([pieces[i] for i in rows], beam_size=1, max_decoding_length=limit)
+        for i, r in zip(rows, results):
+            theirs[i] = [tokenizer.sp.piece_to_id(p) for p in r.hypotheses[0]]
 
     assert sum(len(t) for t in ours) > 3 * len(ours)  # a trained model that writes sentences, not EOS at once
     assert theirs == ours

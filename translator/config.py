@@ -193,7 +193,7 @@ class TrainConfig:
     save_every: int = 1000  # steps between the checkpoints kept for averaging
     keep_last: int = 5  # how many of those to keep
     log_every: int = 50
-    compile: bool = False
+    compile: bool = False  # torch.compile: pays on fixed shapes (decoder-only blocks); batches by tokens recompile
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1
