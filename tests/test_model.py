@@ -277,3 +277,15 @@ def test_cpu_dropout_keeps_one_minus_p_and_scales():
     # Neighbouring elements share a random word: they must still be independent.
     pairs = kept.view(-1, 4).float()
     assert abs((pairs[:, 0] * pairs[:, 1]).mean().item() - 0.81) < 0.003
+
+
+def test_cpu_attention_keeps_its_flash_kernel():
+    # build_model turns CUDA attention backends off; the flash switch is shared with the CPU's flash kernel,
+    # whose loss sends CPU attention to the slower math kernel (it once did, unnoticed, for every CPU run).
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine the flash switch is off by design")
+    build_model(ModelConfig.from_name("tiny", vocab_size=50))
+    q = torch.randn(2, 2, 3, 8)
+    with torch.profiler.profile() as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert any("flash_attention_for_cpu" in e.key for e in prof.key_averages())

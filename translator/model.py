@@ -411,9 +411,12 @@ def _choose_attention_kernels() -> None:
       makes new shapes all the time.
     - flash attention's backward took 1.64 ms per call on these short sentences against 0.47 ms for the
       memory-efficient kernel's: a transformer_big step took 90 ms with flash for causal self-attention and
-      82 ms without. The memory-efficient kernel remains (and math, for what it cannot take)."""
+      82 ms without. The memory-efficient kernel remains (and math, for what it cannot take).
+    The flash switch also governs the CPU's flash kernel (else the slower math one runs), so it is flipped only
+    where CUDA is present."""
     torch.backends.cuda.enable_cudnn_sdp(False)
-    torch.backends.cuda.enable_flash_sdp(False)
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_flash_sdp(False)
 
 
 def count_parameters(model: nn.Module) -> int:
