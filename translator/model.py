@@ -222,8 +222,9 @@ class DecodeState:
     memory) for layer i. Self-attention entries are per row; a reorder of them waits in `rows` (row i
     continues row rows[i]) until the next step appends to them: one copy per step instead of two. The memory
     and its cross-attention entries are per sentence, shared by the sentence's `group` consecutive rows (its
-    beams), so reordering beams never copies them. `pad_len` counts left padding per row (decoder-only prompts of unequal length): those
-    positions are never attended to, and positions count from the first real token."""
+    beams), so reordering beams never copies them. `pad_len` counts left padding per row (decoder-only
+    prompts of unequal length): those positions are never attended to, and positions count from the first
+    real token."""
 
     kv: list[tuple[KV | None, KV | None]]
     memory: Tensor | None = None  # (B, S, C); dropped once its keys/values are cached
