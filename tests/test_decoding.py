@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from translator import ModelConfig, build_model
-from translator.decoding import beam_search, greedy, length_penalty, max_lengths, sample
+from translator.decoding import _log_normaliser, _topk, beam_search, greedy, length_penalty, max_lengths, sample
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -224,3 +224,19 @@ def test_decoder_only_decodes_with_the_same_functions():
             logits[[PAD, BOS]] = -torch.inf
             seq = torch.cat([seq, logits.argmax().view(1, 1)], 1)
         assert seq[0, 5:].tolist() == expected[i]
+
+
+@pytest.mark.parametrize("width", [8000, 8003, 130, 40])
+def test_two_stage_topk_and_blocked_normaliser_equal_torch(width):
+    # The CPU paths of beam search's vocabulary-wide passes: blocks of 64 columns (plus a remainder), and row
+    # blocks of 64 for the normaliser; 200 rows cover more than one row block.
+    logits = torch.randn(200, width, generator=torch.Generator().manual_seed(width)) * 4
+    logits[0, 5] = logits[0, 900 % width] = 50.0  # a tie at the top
+    logits[1, width - 1] = 60.0  # the best in the columns after the last whole block
+    for k in (1, 4, 10):
+        values, index = _topk(logits, k)
+        expected = logits.topk(k, dim=-1)
+        assert torch.equal(values, expected.values)
+        assert torch.equal(logits.gather(1, index), values)  # the indices point at those values
+        assert (index.sort(dim=1).values.diff(dim=1) > 0).all()  # and are distinct
+    torch.testing.assert_close(_log_normaliser(logits), torch.logsumexp(logits, dim=-1, keepdim=True))

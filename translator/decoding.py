@@ -87,8 +87,11 @@ def _topk(x: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
 
 
 def _log_normaliser(logits: Tensor, rows: int = 64) -> Tensor:
-    """torch.logsumexp(logits.float(), dim=-1, keepdim=True), (N, 1), a block of rows at a time: its exp
-    needs a temporary as large as the logits, and a fresh (N, V) tensor per step cost more than the sum."""
+    """torch.logsumexp(logits.float(), dim=-1, keepdim=True), (N, 1); on CPU a block of rows at a time: its
+    exp needs a temporary as large as the logits, and a fresh (N, V) tensor per step cost more than the sum.
+    (On a GPU the loop's kernel launches would cost more than the temporary.)"""
+    if logits.device.type != "cpu":
+        return torch.logsumexp(logits.float(), dim=-1, keepdim=True)
     top = logits.amax(dim=-1, keepdim=True).float()
     total = torch.empty_like(top)
     for i in range(0, logits.size(0), rows):
