@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from translator import ModelConfig, build_model
-from translator.decoding import _log_normaliser, _topk, beam_search, greedy, length_penalty, max_lengths, sample
+from translator.decoding import (_best_allowed, _fill_gaps, _log_normaliser, _stay_with_parent, _topk, beam_search,
+                                 greedy, length_penalty, max_lengths, sample)
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -239,4 +240,32 @@ def test_two_stage_topk_and_blocked_normaliser_equal_torch(width):
         assert torch.equal(values, expected.values)
         assert torch.equal(logits.gather(1, index), values)  # the indices point at those values
         assert (index.sort(dim=1).values.diff(dim=1) > 0).all()  # and are distinct
-    torch.testing.assert_close(_log_normaliser(logits), torch.logsumexp(logits, dim=-1, keepdim=True))
+    expected = torch.logsumexp(logits, dim=-1, keepdim=True)
+    torch.testing.assert_close(_log_normaliser(logits), expected)
+    top = _best_allowed(logits, 4, EOS, (PAD, BOS), torch.zeros(200, dtype=torch.bool), True)[2]
+    assert torch.equal(top, logits.amax(dim=-1, keepdim=True))  # beam search passes it on as the row maximum
+    torch.testing.assert_close(_log_normaliser(logits, top), expected)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_children_stay_in_their_parents_rows(K):
+    # Every assignment of K children to K parent beams: the order is a permutation, a parent's first child
+    # takes the parent's place, and the children that move are as few as can be (K - distinct parents).
+    parent = torch.tensor(list(itertools.product(range(K), repeat=K)))
+    order = _stay_with_parent(parent)
+    assert torch.equal(order.sort(dim=1).values, torch.arange(K).expand_as(order))
+    for parents, children in zip(parent.tolist(), order.tolist()):
+        stays = [place for place, child in enumerate(children) if parents[child] == place]
+        assert sorted(stays) == sorted(set(parents))
+        assert all(children[p] == parents.index(p) for p in stays)  # the first-born, the better ranked
+
+
+def test_fill_gaps_keeps_rows_in_place_and_moves_the_last_into_gaps():
+    done = torch.tensor([False, True, False, True, False, False, True, False])
+    order = _fill_gaps(done)
+    assert order.tolist() == [0, 5, 2, 7, 4]  # rows 5 and 7 fill the gaps at 1 and 3
+    for seed in range(20):
+        done = torch.rand(30, generator=torch.Generator().manual_seed(seed)) < 0.4
+        order = _fill_gaps(done)
+        assert sorted(order.tolist()) == (~done).nonzero().squeeze(1).tolist()
+        assert int((order != torch.arange(order.numel())).sum()) == int(done[:order.numel()].sum())

@@ -213,18 +213,18 @@ def test_reorder_selects_rows_and_cross_attention_is_computed_once():
     state = model.start(src)
     model.step(torch.full((3, 1), BOS), state)
     assert state.memory is None  # cross-attention keys/values are cached, the memory is no longer needed
-    cross_k, self_k = state.kv[0][1][0], state.kv[0][0][0]
+    cache = state.kv[0][0]
+    cross_k, self_k, buffer = state.kv[0][1][0].clone(), cache.k[:3, :, :1].clone(), cache.k.data_ptr()
     state.reorder(torch.tensor([2, 2, 0]))
     state.reorder(torch.tensor([1, 0, 2]))  # reorders compose
     torch.testing.assert_close(state.kv[0][1][0], cross_k[[2, 2, 0]])
-    # Self-attention entries are reordered by the next append, in the same copy.
-    assert state.kv[0][0][0] is self_k and state.rows.tolist() == [2, 2, 0]
+    torch.testing.assert_close(cache.k[:3, :, :1], self_k[[2, 2, 0]])
+    assert cache.k.data_ptr() == buffer  # rewritten in place
     logits = model.step(torch.full((3, 2), BOS), state)
-    assert state.rows is None and state.kv[0][0][0].shape == (3, 2, 2, 16)  # (N, heads, positions, head_dim)
-    torch.testing.assert_close(state.kv[0][0][0][:, :, :1], self_k[[2, 2, 0]])
+    assert cache.length == 2 and cache.k.data_ptr() == buffer  # appended in place, within the room it has
     torch.testing.assert_close(logits, model(src[[2, 2, 0]], torch.full((3, 2), BOS))[:, -1], atol=1e-5, rtol=0)
     state.truncate(0)
-    assert state.length == 0 and state.kv[0][0][0].shape[2] == 0
+    assert state.length == 0 and cache.length == 0
 
 
 def test_beams_share_their_sentence_memory():
@@ -235,18 +235,68 @@ def test_beams_share_their_sentence_memory():
     cross_k = state.kv[0][1][0]
     # Expand to 2 beams per sentence: self-attention entries per row, cross-attention entries stay per sentence.
     state.reorder(torch.arange(3).repeat_interleave(2), group=2)
-    assert state.rows.shape[0] == 6 and state.kv[0][1][0] is cross_k
+    assert state.kv[0][0].rows == 6 and state.kv[0][1][0] is cross_k
     # Reordering beams within sentences copies no memory; the logits match a plain batch of the same rows.
     state.reorder(torch.tensor([1, 1, 2, 3, 5, 4]), group=2)
     assert state.kv[0][1][0] is cross_k
     rows = torch.tensor([0, 0, 1, 1, 2, 2])
     logits = model.step(tgt[rows, :2], state)
     torch.testing.assert_close(logits, model(src[rows], tgt[rows, :2])[:, -1], atol=1e-5, rtol=0)
-    # Dropping the middle sentence selects its memory away.
-    state.reorder(torch.tensor([0, 1, 4, 5]), group=2)
-    assert state.kv[0][1][0].shape[0] == 2
-    logits = model.step(tgt[[0, 0, 2, 2], :3], state)
-    torch.testing.assert_close(logits, model(src[[0, 0, 2, 2]], tgt[[0, 0, 2, 2], :3])[:, -1], atol=1e-5, rtol=0)
+    # The first sentence finishes and the last takes its place (as beam search compacts its batch): the
+    # memory is selected in place, and the second sentence's entries stay where they are.
+    state.reorder(torch.tensor([4, 5, 2, 3]), group=2)
+    assert state.kv[0][1][0].shape[0] == 2 and state.kv[0][1][0].data_ptr() == cross_k.data_ptr()
+    rows = torch.tensor([2, 2, 1, 1])
+    logits = model.step(tgt[rows, :3], state)
+    torch.testing.assert_close(logits, model(src[rows], tgt[rows, :3])[:, -1], atol=1e-5, rtol=0)
+
+
+def test_kv_cache_grows_in_place_and_reorders_like_index_select():
+    from translator.model import KVCache, _moved
+
+    cache, expected = KVCache(), torch.empty(3, 2, 0, 4)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(40):  # past the first room of 16 positions and the next of 32
+        if step % 7 == 3:  # duplicate, drop and fan out rows, as beam search does
+            index = torch.randint(0, expected.size(0), (int(torch.randint(1, 7, (1,), generator=generator)),),
+                                  generator=generator)
+            cache.reorder(index, _moved(index))
+            expected = expected[index]
+        new = torch.randn(expected.size(0), 2, 1, 4, generator=generator)
+        k, v = cache.append(new, -new)
+        expected = torch.cat([expected, new], dim=2)
+        assert torch.equal(k, expected) and torch.equal(v, -expected)
+    assert cache.k.size(2) >= 40 and cache.length == 40
+    with pytest.raises(ValueError, match="reorder the decoding state first"):
+        cache.append(torch.randn(cache.rows + 1, 2, 1, 4), torch.randn(cache.rows + 1, 2, 1, 4))
+
+
+def test_kv_cache_copies_only_the_rows_that_change():
+    from translator.model import KVCache, _moved
+
+    cache = KVCache()
+    cache.append(torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 3, 2).contiguous(), torch.zeros(4, 1, 3, 2))
+    index = torch.tensor([0, 0, 2, 1])
+    assert _moved(index).tolist() == [1, 3]
+    # Told that only row 1 moves, the cache leaves row 3 as it was: rows outside `moved` are never written.
+    cache.reorder(index, torch.tensor([1]))
+    assert cache.k[:, 0, 0, 0].tolist() == [0.0, 0.0, 2.0, 3.0]
+    cache.reorder(index, _moved(index))
+    assert cache.k[:, 0, 0, 0].tolist() == [0.0, 0.0, 2.0, 0.0]
+
+
+def test_reused_logits_buffer_gives_the_same_decoding():
+    from translator.decoding import beam_search
+
+    model = tiny()
+    src = random_tokens(4, 6)
+    results = []
+    for reuse in (False, True):
+        state = model.start(src)
+        state.reuse_logits = reuse
+        results.append(beam_search(model.step, state, torch.full((4, 1), BOS), 8, EOS, beam_size=3))
+        assert (state.logits is not None) == reuse
+    assert [[h.tokens for h in hs] for hs in results[0]] == [[h.tokens for h in hs] for hs in results[1]]
 
 
 def test_device_agnostic_on_cuda_when_present():

@@ -86,13 +86,13 @@ def _topk(x: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
     return values, columns.gather(1, order)
 
 
-def _log_normaliser(logits: Tensor, rows: int = 64) -> Tensor:
-    """torch.logsumexp(logits.float(), dim=-1, keepdim=True), (N, 1); on CPU a block of rows at a time: its
-    exp needs a temporary as large as the logits, and a fresh (N, V) tensor per step cost more than the sum.
-    (On a GPU the loop's kernel launches would cost more than the temporary.)"""
+def _log_normaliser(logits: Tensor, top: Tensor | None = None, rows: int = 64) -> Tensor:
+    """torch.logsumexp(logits.float(), dim=-1, keepdim=True), (N, 1), given (if known) each row's maximum `top`;
+    on CPU a block of rows at a time: its exp needs a temporary as large as the logits, and a fresh (N, V)
+    tensor per step cost more than the sum. (On a GPU the loop's kernel launches would cost more.)"""
     if logits.device.type != "cpu":
         return torch.logsumexp(logits.float(), dim=-1, keepdim=True)
-    top = logits.amax(dim=-1, keepdim=True).float()
+    top = (logits.amax(dim=-1, keepdim=True) if top is None else top).float()
     total = torch.empty_like(top)
     for i in range(0, logits.size(0), rows):
         total[i:i + rows] = (logits[i:i + rows].float() - top[i:i + rows]).exp_().sum(dim=-1, keepdim=True)
@@ -100,13 +100,15 @@ def _log_normaliser(logits: Tensor, rows: int = 64) -> Tensor:
 
 
 def _best_allowed(logits: Tensor, k: int, eos: int, banned: Sequence[int], must_end: Tensor,
-                  may_end: bool) -> tuple[Tensor, Tensor]:
+                  may_end: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The k best tokens of each row that _restrict would allow, best first: (logits in float32, tokens), both
-    (N, k), padded with (-inf, EOS) where fewer are allowed. One top-k over the (N, V) logits, which are
-    neither normalised nor copied: argmax and beam search need neither."""
+    (N, k), padded with (-inf, EOS) where fewer are allowed; and each row's largest logit, allowed or not, (N, 1).
+    One top-k over the (N, V) logits, which are neither normalised nor copied: argmax and beam search need
+    neither."""
     excluded = _excluded(eos, banned, may_end)
     values, tokens = _topk(logits, min(k + len(excluded), logits.size(-1)))
     values = values.float()
+    top = values[:, :1]
     if excluded:
         values = values.masked_fill(torch.isin(tokens, torch.tensor(excluded, device=tokens.device)), -torch.inf)
     # Rows that must end offer EOS alone: a select on the (N, k) candidates, no host sync.
@@ -119,7 +121,7 @@ def _best_allowed(logits: Tensor, k: int, eos: int, banned: Sequence[int], must_
         values = torch.nn.functional.pad(values, (0, pad), value=-torch.inf)
         tokens = torch.nn.functional.pad(tokens, (0, pad), value=eos)
     values, order = values.topk(k, dim=-1)  # the excluded ones fall behind
-    return values, tokens.gather(1, order)
+    return values, tokens.gather(1, order), top
 
 
 def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -133,6 +135,29 @@ def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float)
         drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), -torch.inf)
     return logits
+
+
+def _fill_gaps(done: Tensor) -> Tensor:
+    """The indices of the rows not done, in place, except that the last ones move into the gaps the done
+    rows leave: a state reordered by them (rows that stay are not copied) moves few rows."""
+    live = (~done).nonzero().squeeze(1)
+    order = torch.arange(live.numel(), device=done.device)
+    order[done[:live.numel()].nonzero().squeeze(1)] = live[live >= live.numel()]
+    return order
+
+
+def _stay_with_parent(parent: Tensor) -> Tensor:
+    """For K children per sentence with parent beams `parent` (n, K), an order of the children (n, K) that puts
+    each parent's first child in the parent's own place and the other children in the places of parents that
+    have none. A beam's cached rows then move only when its parent has several children."""
+    K = parent.size(1)
+    places = torch.arange(K, device=parent.device)
+    first = ~((parent[:, :, None] == parent[:, None, :]) & (places < places[:, None])).any(2)  # no earlier sibling
+    childless = ~(parent[:, :, None] == places).any(1)  # (n, place)
+    free = (~childless * K + places).argsort(dim=1)  # the childless parents' places first, in order
+    later = ((~first).cumsum(1) - 1).clamp(min=0)  # how many later-born children come before
+    place = torch.where(first, parent, free.gather(1, later))
+    return place.argsort(dim=1)
 
 
 def _generate(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
@@ -152,7 +177,7 @@ def _generate(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor,
         if bool(ended.all()):
             break
         if bool(ended.any()):
-            keep = (~ended).nonzero().squeeze(1)
+            keep = _fill_gaps(ended)
             alive, tokens = alive[keep], tokens[keep]
             state.reorder(keep)
     for rows, nxt in generated:  # one host transfer per step, after the loop
@@ -207,11 +232,11 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
     for t in range(int(limit.max()) + 1):
         n, width = scores.shape
         logits = step(tokens, state)
-        log_normaliser = _log_normaliser(logits)
         # The best 2K candidates of a sentence lie among the best 2K of each of its beams: rank only those,
         # and normalise only those (log p = logit - log normaliser).
-        beam_logits, beam_tokens = _best_allowed(logits, 2 * K, eos, banned,
-                                                 (t >= limit[sentences]).repeat_interleave(width), t >= min_len)
+        beam_logits, beam_tokens, top = _best_allowed(logits, 2 * K, eos, banned,
+                                                      (t >= limit[sentences]).repeat_interleave(width), t >= min_len)
+        log_normaliser = _log_normaliser(logits, top)
         candidates = (scores.view(-1, 1) + (beam_logits - log_normaliser)).view(n, width * 2 * K)
         top, index = candidates.topk(2 * K, dim=1)
         beam, token = index // (2 * K), beam_tokens.view(n, width * 2 * K).gather(1, index)
@@ -230,6 +255,8 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
         # among 2K; where there are not, an EOS fills the place, scored -inf so that it never competes).
         rank = torch.arange(2 * K, device=device) + is_eos * 2 * K
         keep = rank.topk(K, dim=1, largest=False).indices
+        if width == K:  # each continuation in its beam's row where it can: few cache rows move
+            keep = keep.gather(1, _stay_with_parent(beam.gather(1, keep)))
         scores, token = top.gather(1, keep).masked_fill(is_eos.gather(1, keep), -torch.inf), token.gather(1, keep)
         rows = (torch.arange(n, device=device)[:, None] * width + beam.gather(1, keep)).view(-1)
 
@@ -238,7 +265,7 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
             break
         tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)
         if bool(done.any()):  # drop finished sentences from the batch
-            live = (~done).nonzero().squeeze(1)
+            live = _fill_gaps(done)
             sentences, scores = sentences[live], scores[live]
             live_rows = (live[:, None] * K + torch.arange(K, device=device)).view(-1)
             tokens, rows = tokens[live_rows], rows[live_rows]

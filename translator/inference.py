@@ -73,6 +73,7 @@ def translate_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequenc
     lengths = [len(s) + 1 for s in sources]
     for batch in batches_by_length(lengths, options.batch_tokens):
         state, prefix, limit = prepare(model, [sources[i] for i in batch], options)
+        state.reuse_logits = True  # the decoding functions read each step's logits before the next step
         if mode == "beam":
             hyps = beam_search(model.step, state, prefix, limit, cfg.eos_id, beam_size=options.beam,
                                alpha=options.lenpen, lp_form=options.lp_form, nbest=nbest, banned=banned)

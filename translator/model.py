@@ -4,9 +4,9 @@ Read top-down: positions -> attention -> feed-forward -> Block -> Stack -> Encod
 One `Block` serves all three stacks: the encoder (bidirectional self-attention), the decoder (causal
 self-attention + cross-attention) and the decoder-only model (causal self-attention, no cross-attention).
 
-Incremental decoding keeps past keys/values in a `DecodeState` that the caller owns and passes in;
-beam search reorders it, and the reorder is carried out by the next step's append, in the same copy.
-Nothing is cached inside the modules, so training and inference run the same code.
+Incremental decoding keeps past keys/values in a `DecodeState` that the caller owns and passes in, in
+buffers that grow in place; beam search reorders it, copying only the rows that change. Nothing is cached
+inside the modules, so training and inference run the same code.
 """
 
 from __future__ import annotations
@@ -31,16 +31,6 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency)
     return table.float()
-
-
-def _append(past: Tensor, new: Tensor, rows: Tensor | None) -> Tensor:
-    """torch.cat([past[rows], new], dim=2) in one copy: a beam reorder and the cache append together."""
-    if rows is None:
-        return torch.cat([past, new], dim=2)
-    out = new.new_empty(new.size(0), past.size(1), past.size(2) + new.size(2), past.size(3))
-    torch.index_select(past, 0, rows, out=out[:, :, :past.size(2)])
-    out[:, :, past.size(2):] = new
-    return out
 
 
 class _CpuDropout(torch.autograd.Function):
@@ -73,6 +63,63 @@ class Dropout(nn.Dropout):
         return _CpuDropout.apply(x, self.p)
 
 
+def _copy_rows(t: Tensor, index: Tensor, moved: Tensor) -> None:
+    """In place, row i of t becomes what row index[i] was, for the i in `moved` (the others have index[i] == i)."""
+    if moved.numel():
+        t.index_copy_(0, moved, t.index_select(0, index[moved]))
+
+
+class KVCache:
+    """One self-attention layer's keys and values while decoding, in buffers with room to grow: row i of the
+    batch, position t at [i, :, t]. Appending writes in place; concatenating would copy the whole cache into a
+    fresh allocation every step (on CPU the copy and the new pages cost as much as attention itself)."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None  # (room for rows, H, room for positions, head_dim)
+        self.v: Tensor | None = None
+        self.rows = 0  # rows in use
+        self.length = 0  # positions in use
+
+    def append(self, k: Tensor, v: Tensor) -> KV:
+        """New positions (N, H, T, head_dim) after the cached ones. Returns the keys and values of all positions."""
+        n, end = k.size(0), self.length + k.size(2)
+        if self.length and n != self.rows:
+            raise ValueError(f"{n} rows appended to a cache of {self.rows}: reorder the decoding state first")
+        if self.k is None or n > self.k.size(0) or end > self.k.size(2):
+            self._resize(k, n, max(2 * end, 16))
+        self.k[:n, :, self.length:end] = k
+        self.v[:n, :, self.length:end] = v
+        self.rows, self.length = n, end
+        return self.k[:n, :, :end], self.v[:n, :, :end]
+
+    def reorder(self, index: Tensor, moved: Tensor) -> None:
+        """Row i becomes what row index[i] was; `moved` holds the i where index[i] != i, the only rows copied."""
+        if self.k is None:
+            return
+        if index.numel() > self.k.size(0):  # more rows than there is room for (beams fanning out)
+            self._resize(self.k, index.numel(), self.k.size(2), index)
+        else:
+            _copy_rows(self.k[:, :, :self.length], index, moved)
+            _copy_rows(self.v[:, :, :self.length], index, moved)
+        self.rows = index.numel()
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def _resize(self, like: Tensor, rows: int, positions: int, index: Tensor | None = None) -> None:
+        """New buffers with room for rows x positions, holding the cached entries (or their rows `index`)."""
+        old = self.k, self.v
+        self.k, self.v = (like.new_empty(rows, like.size(1), positions, like.size(3)) for _ in range(2))
+        if old[0] is None:
+            return
+        for before, after in zip(old, (self.k, self.v)):
+            cached = before[:self.rows, :, :self.length]
+            if index is None:
+                after[:self.rows, :, :self.length] = cached
+            else:
+                torch.index_select(cached, 0, index, out=after[:index.numel(), :, :self.length])
+
+
 class MultiHeadAttention(nn.Module):
     """h heads of scaled dot-product attention (Section 3.2), as self-attention or as cross-attention to
     the encoder's memory. Q, K and V projections are stacked in one matrix so that self-attention needs
@@ -97,17 +144,16 @@ class MultiHeadAttention(nn.Module):
         return self._heads(k), self._heads(v)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False,
-                memory: Tensor | None = None, past: KV | None = None,
-                past_rows: Tensor | None = None) -> tuple[Tensor, KV]:
+                memory: Tensor | None = None, past: KVCache | KV | None = None) -> tuple[Tensor, KV]:
         """x: (B, T, C). mask: bool, broadcastable to (B, H, T, S), True where attending is allowed.
-        past: for self-attention the keys/values of earlier positions (new ones are appended), where row i
-        continues row past_rows[i] (default: row i); for cross-attention the memory's keys/values (reused
-        as they are). Returns the output (B, T, C) and the keys/values to cache."""
+        past: for self-attention the cache of earlier positions' keys/values (the new ones are appended to
+        it); for cross-attention the memory's keys/values (reused as they are). Returns the output (B, T, C)
+        and the keys/values attended to."""
         B, T, C = x.shape
         if not self.cross:
             q, k, v = (self._heads(t) for t in self.qkv(x).split(C, dim=-1))
             if past is not None:
-                k, v = _append(past[0], k, past_rows), _append(past[1], v, past_rows)
+                k, v = past.append(k, v)
         else:
             q = self._heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))
             k, v = past if past is not None else self.memory_kv(memory)
@@ -160,16 +206,16 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False,
                 memory: Tensor | None = None, memory_mask: Tensor | None = None,
-                past: tuple[KV | None, KV | None] = (None, None),
-                past_rows: Tensor | None = None) -> tuple[Tensor, tuple[KV, KV | None]]:
-        y, self_kv = self.self_attn(self._input(x, self.self_attn_norm), mask, causal, past=past[0], past_rows=past_rows)
+                cache: KVCache | None = None, memory_kv: KV | None = None) -> tuple[Tensor, KV | None]:
+        """When decoding, `cache` holds the self-attention keys/values of earlier positions and `memory_kv` the
+        cross-attention ones of the memory, once computed. Returns x and the memory's keys/values."""
+        y, _ = self.self_attn(self._input(x, self.self_attn_norm), mask, causal, past=cache)
         x = self._residual(x, y, self.self_attn_norm)
-        cross_kv = None
         if self.cross_attn is not None:
-            y, cross_kv = self.cross_attn(self._input(x, self.cross_attn_norm), memory_mask, memory=memory, past=past[1])
+            y, memory_kv = self.cross_attn(self._input(x, self.cross_attn_norm), memory_mask, memory=memory, past=memory_kv)
             x = self._residual(x, y, self.cross_attn_norm)
         x = self._residual(x, self.ff(self._input(x, self.ff_norm)), self.ff_norm)
-        return x, (self_kv, cross_kv)
+        return x, memory_kv
 
 
 class Stack(nn.Module):
@@ -184,12 +230,10 @@ class Stack(nn.Module):
                 memory: Tensor | None = None, memory_mask: Tensor | None = None,
                 state: DecodeState | None = None) -> Tensor:
         for i, block in enumerate(self.blocks):
-            past = state.kv[i] if state is not None else (None, None)
-            x, kv = block(x, mask, causal, memory, memory_mask, past, state.rows if state is not None else None)
+            cache, memory_kv = state.kv[i] if state is not None else (None, None)
+            x, memory_kv = block(x, mask, causal, memory, memory_mask, cache, memory_kv)
             if state is not None:
-                state.kv[i] = kv
-        if state is not None:
-            state.rows = None  # every layer's append has carried out the pending reorder
+                state.kv[i] = (cache, memory_kv)
         return self.norm(x)
 
 
@@ -214,47 +258,61 @@ class Embedding(nn.Module):
         return self.dropout(self.token(tokens) * self.scale + self.positions[positions])
 
 
+def _moved(index: Tensor) -> Tensor:
+    """The i where index[i] != i."""
+    return (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
+
+
+def _take_rows(t: Tensor, index: Tensor, moved: Tensor) -> Tensor:
+    """t.index_select(0, index), written over t's own first rows where it fits (the result is a view of t)."""
+    if index.numel() > t.size(0):
+        return t.index_select(0, index)
+    _copy_rows(t, index, moved)
+    return t if index.numel() == t.size(0) else t[:index.numel()]
+
+
 @dataclass
 class DecodeState:
     """What incremental decoding carries from step to step; owned and passed in by the caller.
 
-    kv[i] = (self-attention keys/values of the positions seen so far, cross-attention keys/values of the
-    memory) for layer i. Self-attention entries are per row; a reorder of them waits in `rows` (row i
-    continues row rows[i]) until the next step appends to them: one copy per step instead of two. The memory
-    and its cross-attention entries are per sentence, shared by the sentence's `group` consecutive rows (its
-    beams), so reordering beams never copies them. `pad_len` counts left padding per row (decoder-only
-    prompts of unequal length): those positions are never attended to, and positions count from the first
-    real token."""
+    kv[i] = (the self-attention KVCache of layer i, the cross-attention keys/values of the memory). The caches
+    are per row. The memory and its cross-attention entries are per sentence, shared by the sentence's `group`
+    consecutive rows (its beams), so reordering beams never copies them. `pad_len` counts left padding per row
+    (decoder-only prompts of unequal length): those positions are never attended to, and positions count from
+    the first real token."""
 
-    kv: list[tuple[KV | None, KV | None]]
+    kv: list[tuple[KVCache, KV | None]]
     memory: Tensor | None = None  # (B, S, C); dropped once its keys/values are cached
     memory_mask: Tensor | None = None  # (B, 1, 1, S) True at real source tokens
     pad_len: Tensor | None = None  # (N,)
     length: int = 0  # positions fed so far
     group: int = 1  # rows per sentence
-    rows: Tensor | None = None  # pending reorder of the self-attention entries
+    reuse_logits: bool = False  # step writes its logits into `logits`, over the previous step's (on CPU)
+    logits: Tensor | None = None
 
     def reorder(self, index: Tensor, group: int = 1) -> None:
         """Row i becomes what row index[i] was (beam reordering, expanding to beams, dropping finished rows).
         Afterwards every `group` consecutive rows belong to one sentence; each group must come from rows of
-        one sentence."""
-        def rows(t):
-            return None if t is None else t.index_select(0, index)
-        sentences = index[::group] // self.group  # the sentence each new group comes from
-        n = next((t.size(0) for t in (self.memory_mask, self.memory) if t is not None), None)
-        unchanged = n is None or (sentences.numel() == n and bool((sentences == torch.arange(n, device=index.device)).all()))
+        one sentence. Entries are rewritten in place where they fit, and only the rows with index[i] != i
+        are copied: a search that keeps each beam's continuation in the beam's own row copies few."""
+        moved = _moved(index)
+        for cache, _ in self.kv:
+            cache.reorder(index, moved)
+        self.pad_len = None if self.pad_len is None else self.pad_len.index_select(0, index)
+        if self.memory_mask is not None or self.memory is not None:
+            sentences = index[::group] // self.group  # the sentence each new group comes from
+            moved = _moved(sentences)
 
-        def per_sentence(t):
-            return t if t is None or unchanged else t.index_select(0, sentences)
-        self.rows = index if self.rows is None else self.rows.index_select(0, index)
-        self.kv = [(s, None if c is None else (per_sentence(c[0]), per_sentence(c[1]))) for s, c in self.kv]
-        self.memory, self.memory_mask = per_sentence(self.memory), per_sentence(self.memory_mask)
-        self.pad_len = rows(self.pad_len)
+            def per_sentence(t):
+                return None if t is None else _take_rows(t, sentences, moved)
+            self.kv = [(cache, None if c is None else (per_sentence(c[0]), per_sentence(c[1]))) for cache, c in self.kv]
+            self.memory, self.memory_mask = per_sentence(self.memory), per_sentence(self.memory_mask)
         self.group = group
 
     def truncate(self, length: int) -> None:
         """Forget positions from `length` on (speculative decoding rejects drafted tokens this way)."""
-        self.kv = [(None if s is None else (s[0][:, :, :length], s[1][:, :, :length]), c) for s, c in self.kv]
+        for cache, _ in self.kv:
+            cache.truncate(length)
         self.length = length
 
 
@@ -290,9 +348,11 @@ class _Seq2SeqBase(nn.Module):
                 nn.init.normal_(module.weight, std=self.cfg.d_model ** -0.5)
                 nn.init.zeros_(module.weight[self.cfg.pad_id])
 
-    def logits(self, h: Tensor) -> Tensor:
+    def logits(self, h: Tensor, out: Tensor | None = None) -> Tensor:
         weight = self.tgt_embed.token.weight if self.output is None else self.output.weight
-        return F.linear(h, weight)
+        if out is None:
+            return F.linear(h, weight)
+        return torch.mm(h, weight.t(), out=out)
 
     def _positions(self, state: DecodeState, n_new: int, device: torch.device) -> Tensor:
         positions = torch.arange(state.length, state.length + n_new, device=device)
@@ -303,10 +363,23 @@ class _Seq2SeqBase(nn.Module):
     @torch.no_grad()
     def step(self, tokens: Tensor, state: DecodeState) -> Tensor:
         """The step function for decoding: tokens (N, T) are all tokens so far; the ones the state has
-        not seen yet are fed. Returns the logits of the next token, (N, V)."""
-        return self.decode_incremental(tokens[:, state.length:], state)[:, -1]
+        not seen yet are fed. Returns the logits of the next token, (N, V). With state.reuse_logits, on CPU,
+        they are written into a buffer of the state that the next step overwrites (for callers that read
+        them at once, as the decoding functions do): a fresh (N, V) tensor each step cost a fifth of the
+        projection's time in new memory pages. GPU allocators reuse memory already."""
+        h = self.hidden(tokens[:, state.length:], state)[:, -1]
+        if not state.reuse_logits or h.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return self.logits(h)
+        n, vocab = h.size(0), self.tgt_embed.token.num_embeddings if self.output is None else self.output.out_features
+        if state.logits is None or state.logits.numel() < n * vocab or state.logits.dtype != h.dtype:
+            state.logits = h.new_empty(n * vocab)
+        return self.logits(h, out=state.logits[:n * vocab].view(n, vocab))
 
     def decode_incremental(self, new: Tensor, state: DecodeState) -> Tensor:
+        """Feed the new tokens (N, T) after those the state holds; returns their logits (N, T, V)."""
+        return self.logits(self.hidden(new, state))
+
+    def hidden(self, new: Tensor, state: DecodeState) -> Tensor:
         raise NotImplementedError
 
 
@@ -344,15 +417,16 @@ class EncoderDecoder(_Seq2SeqBase):
     def start(self, src: Tensor) -> DecodeState:
         """Encode src once and return an empty decoding state for it."""
         memory, memory_mask = self.encode(src)
-        return DecodeState(kv=[(None, None)] * len(self.decoder.blocks), memory=memory, memory_mask=memory_mask)
+        return DecodeState(kv=[(KVCache(), None) for _ in self.decoder.blocks], memory=memory, memory_mask=memory_mask)
 
-    def decode_incremental(self, new: Tensor, state: DecodeState) -> Tensor:
+    def hidden(self, new: Tensor, state: DecodeState) -> Tensor:
+        """The decoder's output for the new tokens (N, T) after those the state holds."""
         x = self.tgt_embed(new, self._positions(state, new.size(1), new.device), end=state.length + new.size(1))
         mask = _incremental_mask(state, new.size(1), new.device)
         h = self.decoder(x, mask, False, state.memory, state.memory_mask, state)
         state.length += new.size(1)
         state.memory = None  # its keys/values are cached in every layer now
-        return self.logits(h)
+        return h
 
 
 class DecoderOnly(_Seq2SeqBase):
@@ -388,15 +462,16 @@ class DecoderOnly(_Seq2SeqBase):
             pad_len = is_pad.long().cumprod(dim=1).sum(dim=1)  # leading pads per row
             if not bool(pad_len.any()):
                 pad_len = None
-        return DecodeState(kv=[(None, None)] * len(self.decoder.blocks), pad_len=pad_len)
+        return DecodeState(kv=[(KVCache(), None) for _ in self.decoder.blocks], pad_len=pad_len)
 
-    def decode_incremental(self, new: Tensor, state: DecodeState) -> Tensor:
+    def hidden(self, new: Tensor, state: DecodeState) -> Tensor:
+        """The stack's output for the new tokens (N, T) after those the state holds."""
         x = self.tgt_embed(new, self._positions(state, new.size(1), new.device), end=state.length + new.size(1))
         prompt = self.cfg.prefix_lm and state.length == 0  # a prefix LM reads its prompt (the source) both ways
         mask = _incremental_mask(state, new.size(1), new.device, bidirectional=prompt)
         h = self.decoder(x, mask, False, state=state)
         state.length += new.size(1)
-        return self.logits(h)
+        return h
 
 
 def build_model(cfg: ModelConfig) -> EncoderDecoder | DecoderOnly:
