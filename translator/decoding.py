@@ -94,8 +94,10 @@ def _log_normaliser(logits: Tensor, top: Tensor | None = None, rows: int = 64) -
         return torch.logsumexp(logits.float(), dim=-1, keepdim=True)
     top = (logits.amax(dim=-1, keepdim=True) if top is None else top).float()
     total = torch.empty_like(top)
+    shifted = top.new_empty(min(rows, logits.size(0)), logits.size(1))  # one block's room, reused
     for i in range(0, logits.size(0), rows):
-        total[i:i + rows] = (logits[i:i + rows].float() - top[i:i + rows]).exp_().sum(dim=-1, keepdim=True)
+        block = torch.sub(logits[i:i + rows], top[i:i + rows], out=shifted[:min(rows, logits.size(0) - i)])
+        total[i:i + rows] = block.exp_().sum(dim=-1, keepdim=True)
     return total.log_() + top
 
 
