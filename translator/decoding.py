@@ -140,8 +140,8 @@ def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float)
 
 
 def _fill_gaps(done: Tensor) -> Tensor:
-    """The indices of the rows not done, in place, except that the last ones move into the gaps the done
-    rows leave: a state reordered by them (rows that stay are not copied) moves few rows."""
+    """The rows not done, as a reorder index that leaves each of them where it is, except the last ones, which
+    move into the gaps that the done rows leave: a state copies only the rows that move."""
     live = (~done).nonzero().squeeze(1)
     order = torch.arange(live.numel(), device=done.device)
     order[done[:live.numel()].nonzero().squeeze(1)] = live[live >= live.numel()]
@@ -157,7 +157,7 @@ def _stay_with_parent(parent: Tensor) -> Tensor:
     first = ~((parent[:, :, None] == parent[:, None, :]) & (places < places[:, None])).any(2)  # no earlier sibling
     childless = ~(parent[:, :, None] == places).any(1)  # (n, place)
     free = (~childless * K + places).argsort(dim=1)  # the childless parents' places first, in order
-    later = ((~first).cumsum(1) - 1).clamp(min=0)  # how many later-born children come before
+    later = ((~first).cumsum(1) - 1).clamp(min=0)  # rank among the children that are not first-born
     place = torch.where(first, parent, free.gather(1, later))
     return place.argsort(dim=1)
 
@@ -236,9 +236,9 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
         logits = step(tokens, state)
         # The best 2K candidates of a sentence lie among the best 2K of each of its beams: rank only those,
         # and normalise only those (log p = logit - log normaliser).
-        beam_logits, beam_tokens, top = _best_allowed(logits, 2 * K, eos, banned,
-                                                      (t >= limit[sentences]).repeat_interleave(width), t >= min_len)
-        log_normaliser = _log_normaliser(logits, top)
+        beam_logits, beam_tokens, row_max = _best_allowed(logits, 2 * K, eos, banned,
+                                                          (t >= limit[sentences]).repeat_interleave(width), t >= min_len)
+        log_normaliser = _log_normaliser(logits, row_max)
         candidates = (scores.view(-1, 1) + (beam_logits - log_normaliser)).view(n, width * 2 * K)
         top, index = candidates.topk(2 * K, dim=1)
         beam, token = index // (2 * K), beam_tokens.view(n, width * 2 * K).gather(1, index)

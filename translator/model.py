@@ -175,7 +175,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.d_ff)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.activation = nn.ReLU(inplace=True) if cfg.activation == "relu" else nn.GELU()  # on up's own output
+        self.activation = nn.ReLU(inplace=True) if cfg.activation == "relu" else nn.GELU()  # up's output serves nothing else
         self.dropout = Dropout(cfg.activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
