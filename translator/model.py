@@ -58,15 +58,16 @@ class Dropout(nn.Dropout):
     """nn.Dropout, with a faster mask on CPU (see _CpuDropout); CUDA uses the native kernel."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+        if not self.training or self.p == 0.0:
+            return x  # not even a dispatch: decoding steps are short of host time on a GPU
+        if x.device.type != "cpu":
             return super().forward(x)
         return _CpuDropout.apply(x, self.p)
 
 
-def _copy_rows(t: Tensor, index: Tensor, moved: Tensor) -> None:
-    """In place, row i of t becomes what row index[i] was, for the i in `moved` (the others have index[i] == i)."""
-    if moved.numel():
-        t.index_copy_(0, moved, t.index_select(0, index[moved]))
+def _copy_rows(t: Tensor, moved: Tensor, sources: Tensor) -> None:
+    """In place, row moved[j] of t becomes what row sources[j] was."""
+    t.index_copy_(0, moved, t.index_select(0, sources))
 
 
 class KVCache:
@@ -98,9 +99,10 @@ class KVCache:
             return
         if index.numel() > self.k.size(0):  # more rows than there is room for (beams fanning out)
             self._resize(self.k, index.numel(), self.k.size(2), index)
-        else:
-            _copy_rows(self.k[:, :, :self.length], index, moved)
-            _copy_rows(self.v[:, :, :self.length], index, moved)
+        elif moved.numel():
+            sources = index[moved]
+            _copy_rows(self.k[:, :, :self.length], moved, sources)
+            _copy_rows(self.v[:, :, :self.length], moved, sources)
         self.rows = index.numel()
 
     def truncate(self, length: int) -> None:
@@ -264,10 +266,12 @@ def _moved(index: Tensor) -> Tensor:
 
 
 def _take_rows(t: Tensor, index: Tensor, moved: Tensor) -> Tensor:
-    """t.index_select(0, index), written over t's own first rows where it fits (the result is a view of t)."""
+    """t.index_select(0, index), written over t's own first rows where it fits (the result is a view of t);
+    `moved` holds the i where index[i] != i, the only rows copied."""
     if index.numel() > t.size(0):
         return t.index_select(0, index)
-    _copy_rows(t, index, moved)
+    if moved.numel():
+        _copy_rows(t, moved, index[moved])
     return t if index.numel() == t.size(0) else t[:index.numel()]
 
 
