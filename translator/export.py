@@ -69,7 +69,7 @@ def to_ctranslate2(model_path: str | Path, output_dir: str | Path, quantization:
             _block(layer_spec, block, cfg.d_model)
         if cfg.norm_first:
             _layer_norm(stack_spec.layer_norm, stack.norm)
-    output = model.tgt_embed.token.weight if model.output is None else model.output.weight
+    output = model.output_weight
     _linear(spec.decoder.projection, output.detach().numpy())
     pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
     spec.register_source_vocabulary(pieces)

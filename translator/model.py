@@ -352,11 +352,12 @@ class _Seq2SeqBase(nn.Module):
                 nn.init.normal_(module.weight, std=self.cfg.d_model ** -0.5)
                 nn.init.zeros_(module.weight[self.cfg.pad_id])
 
-    def logits(self, h: Tensor, out: Tensor | None = None) -> Tensor:
-        weight = self.tgt_embed.token.weight if self.output is None else self.output.weight
-        if out is None:
-            return F.linear(h, weight)
-        return torch.mm(h, weight.t(), out=out)
+    @property
+    def output_weight(self) -> Tensor:  # (V, C): the target embedding when tied (Section 3.4)
+        return self.tgt_embed.token.weight if self.output is None else self.output.weight
+
+    def logits(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.output_weight)
 
     def _positions(self, state: DecodeState, n_new: int, device: torch.device) -> Tensor:
         positions = torch.arange(state.length, state.length + n_new, device=device)
@@ -374,10 +375,11 @@ class _Seq2SeqBase(nn.Module):
         h = self.hidden(tokens[:, state.length:], state)[:, -1]
         if not state.reuse_logits or h.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return self.logits(h)
-        n, vocab = h.size(0), self.tgt_embed.token.num_embeddings if self.output is None else self.output.out_features
-        if state.logits is None or state.logits.numel() < n * vocab or state.logits.dtype != h.dtype:
-            state.logits = h.new_empty(n * vocab)
-        return self.logits(h, out=state.logits[:n * vocab].view(n, vocab))
+        weight = self.output_weight
+        size = h.size(0) * weight.size(0)
+        if state.logits is None or state.logits.numel() < size or state.logits.dtype != h.dtype:
+            state.logits = h.new_empty(size)
+        return torch.mm(h, weight.t(), out=state.logits[:size].view(h.size(0), weight.size(0)))
 
     def decode_incremental(self, new: Tensor, state: DecodeState) -> Tensor:
         """Feed the new tokens (N, T) after those the state holds; returns their logits (N, T, V)."""
