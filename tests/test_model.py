@@ -260,7 +260,8 @@ def test_kv_cache_grows_in_place_and_reorders_like_index_select():
         if step % 7 == 3:  # duplicate, drop and fan out rows, as beam search does
             index = torch.randint(0, expected.size(0), (int(torch.randint(1, 7, (1,), generator=generator)),),
                                   generator=generator)
-            cache.reorder(index, _moved(index))
+            moved = _moved(index)
+            cache.reorder(index, moved, index[moved])
             expected = expected[index]
         new = torch.randn(expected.size(0), 2, 1, 4, generator=generator)
         k, v = cache.append(new, -new)
@@ -279,9 +280,9 @@ def test_kv_cache_copies_only_the_rows_that_change():
     index = torch.tensor([0, 0, 2, 1])
     assert _moved(index).tolist() == [1, 3]
     # Told that only row 1 moves, the cache leaves row 3 as it was: rows outside `moved` are never written.
-    cache.reorder(index, torch.tensor([1]))
+    cache.reorder(index, torch.tensor([1]), torch.tensor([0]))
     assert cache.k[:, 0, 0, 0].tolist() == [0.0, 0.0, 2.0, 3.0]
-    cache.reorder(index, _moved(index))
+    cache.reorder(index, _moved(index), index[_moved(index)])
     assert cache.k[:, 0, 0, 0].tolist() == [0.0, 0.0, 2.0, 0.0]
 
 

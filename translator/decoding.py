@@ -58,16 +58,25 @@ def _excluded(eos: int, banned: Sequence[int], may_end: bool) -> list[int]:
     return list(banned) + ([] if may_end else [eos])
 
 
-def _restrict(logits: Tensor, eos: int, banned: Sequence[int], must_end: Tensor, may_end: bool) -> Tensor:
-    """A float32 copy of the logits with banned tokens removed; rows in must_end may only produce EOS."""
+def _restrict(logits: Tensor, eos: int, banned: Sequence[int], must_end: Tensor | None, may_end: bool) -> Tensor:
+    """A float32 copy of the logits with banned tokens removed; rows in must_end (None: no row) may only produce EOS."""
     logits = logits.float().clone()
     logits[:, _excluded(eos, banned, may_end)] = -torch.inf
+    if must_end is None:
+        return logits
     rows = must_end.nonzero().squeeze(1)  # usually none: edit those rows only, not the whole (N, V) matrix
     if rows.numel():
         eos_logits = logits[rows, eos]
         logits[rows] = -torch.inf
         logits[rows, eos] = eos_logits
     return logits
+
+
+def _exclusions(eos: int, banned: Sequence[int], device: torch.device) -> dict[bool, Tensor | None]:
+    """For may_end False/True, the tokens a step may not produce, as a tensor made once per search (a tensor made
+    each step is a host-to-device copy each step on a GPU)."""
+    return {may_end: torch.tensor(excluded, device=device) if (excluded := _excluded(eos, banned, may_end)) else None
+            for may_end in (False, True)}
 
 
 def _topk(x: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
@@ -101,29 +110,31 @@ def _log_normaliser(logits: Tensor, top: Tensor | None = None, rows: int = 64) -
     return total.log_() + top
 
 
-def _best_allowed(logits: Tensor, k: int, eos: int, banned: Sequence[int], must_end: Tensor,
-                  may_end: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The k best tokens of each row that _restrict would allow, best first: (logits in float32, tokens), both
-    (N, k), padded with (-inf, EOS) where fewer are allowed; and each row's largest logit, allowed or not, (N, 1).
-    One top-k over the (N, V) logits, which are neither normalised nor copied: argmax and beam search need
-    neither."""
-    excluded = _excluded(eos, banned, may_end)
-    values, tokens = _topk(logits, min(k + len(excluded), logits.size(-1)))
+def _best_allowed(logits: Tensor, k: int, eos: int, excluded: Tensor | None,
+                  must_end: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The k best tokens of each row that are not `excluded` (see _exclusions), best first: (logits in float32,
+    tokens), both (N, k), padded with (-inf, EOS) where fewer are allowed; rows in `must_end` (None: no row) offer
+    EOS alone. Also each row's largest logit, allowed or not, (N, 1). One top-k over the (N, V) logits, which
+    are neither normalised nor copied: argmax and beam search need neither."""
+    n_excluded = 0 if excluded is None else excluded.numel()
+    values, tokens = _topk(logits, min(k + n_excluded, logits.size(-1)))
     values = values.float()
     top = values[:, :1]
-    if excluded:
-        values = values.masked_fill(torch.isin(tokens, torch.tensor(excluded, device=tokens.device)), -torch.inf)
-    # Rows that must end offer EOS alone: a select on the (N, k) candidates, no host sync.
-    only_eos = torch.full_like(values, -torch.inf)
-    only_eos[:, 0] = logits[:, eos].float()
-    values = torch.where(must_end[:, None], only_eos, values)
-    tokens = torch.where(must_end[:, None] & (torch.arange(tokens.size(1), device=tokens.device) == 0), eos, tokens)
+    if excluded is not None:
+        values = values.masked_fill(torch.isin(tokens, excluded), -torch.inf)
+    if must_end is not None:  # a select on the (N, k) candidates, no host sync
+        only_eos = torch.full_like(values, -torch.inf)
+        only_eos[:, 0] = logits[:, eos].float()
+        values = torch.where(must_end[:, None], only_eos, values)
+        tokens = torch.where(must_end[:, None] & (torch.arange(tokens.size(1), device=tokens.device) == 0), eos, tokens)
     if values.size(1) < k:  # a vocabulary smaller than k (tiny test models)
         pad = k - values.size(1)
         values = torch.nn.functional.pad(values, (0, pad), value=-torch.inf)
         tokens = torch.nn.functional.pad(tokens, (0, pad), value=eos)
-    values, order = values.topk(k, dim=-1)  # the excluded ones fall behind
-    return values, tokens.gather(1, order), top
+    if values.size(1) > k or must_end is not None:
+        values, order = values.topk(k, dim=-1)  # the excluded ones fall behind
+        tokens = tokens.gather(1, order)
+    return values, tokens, top
 
 
 def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -139,51 +150,62 @@ def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float)
     return logits
 
 
-def _fill_gaps(done: Tensor) -> Tensor:
-    """The rows not done, as a reorder index that leaves each of them where it is, except the last ones, which
-    move into the gaps that the done rows leave: a state copies only the rows that move."""
-    live = (~done).nonzero().squeeze(1)
-    order = torch.arange(live.numel(), device=done.device)
-    order[done[:live.numel()].nonzero().squeeze(1)] = live[live >= live.numel()]
-    return order
+def _fill_gaps(done: set[int], n: int) -> list[int]:
+    """Of rows 0..n-1, those not done, as a reorder index that leaves each of them where it is, except the last
+    ones, which move into the gaps that the done rows leave: a state copies only the rows that move."""
+    live = n - len(done)
+    movers = (row for row in range(live, n) if row not in done)
+    return [next(movers) if row in done else row for row in range(live)]
 
 
 def _stay_with_parent(parent: Tensor) -> Tensor:
     """For K children per sentence with parent beams `parent` (n, K), an order of the children (n, K) that puts
     each parent's first child in the parent's own place and the other children in the places of parents that
     have none. A beam's cached rows then move only when its parent has several children."""
-    K = parent.size(1)
-    places = torch.arange(K, device=parent.device)
-    first = ~((parent[:, :, None] == parent[:, None, :]) & (places < places[:, None])).any(2)  # no earlier sibling
-    childless = ~(parent[:, :, None] == places).any(1)  # (n, place)
-    free = (~childless * K + places).argsort(dim=1)  # the childless parents' places first, in order
-    later = ((~first).cumsum(1) - 1).clamp(min=0)  # rank among the children that are not first-born
-    place = torch.where(first, parent, free.gather(1, later))
-    return place.argsort(dim=1)
+    n, K = parent.shape
+    children = torch.arange(K, device=parent.device).expand(n, K)
+    first_child = torch.full_like(parent, K).scatter_reduce_(1, parent, children, "amin")  # per place; K: none
+    first_born = first_child.gather(1, parent) == children
+    # Places with a child, by their first child, then the childless places; children likewise: the first-born,
+    # then the others. The r-th child goes to the r-th place.
+    places = first_child.sort(dim=1, stable=True).indices
+    ranked = first_born.sort(dim=1, descending=True, stable=True).indices
+    return torch.empty_like(parent).scatter_(1, places, ranked)
+
+
+def _must_end(t: int, limits: list[int], first_limit: int, rows: list[int], width: int,
+              device: torch.device) -> Tensor | None:
+    """Which rows must end at step t: those whose sentence (rows[i], `width` rows each) has reached its limit.
+    None, with no device work, before the first limit is reached."""
+    if t < first_limit:
+        return None
+    return torch.tensor([t >= limits[s] for s in rows], device=device).repeat_interleave(width)
 
 
 def _generate(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
-              choose: Callable[[Tensor, Tensor, bool], Tensor], min_len: int) -> list[list[int]]:
+              choose: Callable[[Tensor, Tensor | None, bool], Tensor], min_len: int) -> list[list[int]]:
     """choose(logits, must_end, may_end) -> the next token of each row."""
     B, device = prefix.size(0), prefix.device
-    limit = _as_lengths(max_len, B, device)
+    limits = _as_lengths(max_len, B, device).tolist()
     tokens = prefix
-    alive = torch.arange(B, device=device)  # original index of each row still generating
+    first_limit = min(limits)
+    alive = list(range(B))  # original index of each row still generating
     out: list[list[int]] = [[] for _ in range(B)]
     generated = []
-    for t in range(int(limit.max()) + 1):
-        nxt = choose(step(tokens, state), t >= limit[alive], t >= min_len)  # (n,)
+    for t in range(max(limits) + 1):
+        nxt = choose(step(tokens, state), _must_end(t, limits, first_limit, alive, 1, device), t >= min_len)  # (n,)
         generated.append((alive, nxt))
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        ended = nxt == eos
-        if bool(ended.all()):
+        ended = set((nxt == eos).nonzero().squeeze(1).tolist())
+        if len(ended) == len(alive):
             break
-        if bool(ended.any()):
-            keep = _fill_gaps(ended)
-            alive, tokens = alive[keep], tokens[keep]
-            state.reorder(keep)
+        if ended:
+            keep = _fill_gaps(ended, len(alive))
+            alive, index = [alive[row] for row in keep], torch.tensor(keep, device=device)
+            tokens = tokens[index]
+            state.reorder(index)
     for rows, nxt in generated:  # one host transfer per step, after the loop
-        for row, token in zip(rows.tolist(), nxt.tolist()):
+        for row, token in zip(rows, nxt.tolist()):
             if token != eos:
                 out[row].append(token)
     return out
@@ -192,8 +214,10 @@ def _generate(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor,
 def greedy(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
            banned: Sequence[int] = (), min_len: int = 0) -> list[list[int]]:
     """The most probable next token at every step."""
-    def choose(logits: Tensor, must_end: Tensor, may_end: bool) -> Tensor:
-        return _best_allowed(logits, 1, eos, banned, must_end, may_end)[1][:, 0]
+    excluded = _exclusions(eos, banned, prefix.device)
+
+    def choose(logits: Tensor, must_end: Tensor | None, may_end: bool) -> Tensor:
+        return _best_allowed(logits, 1, eos, excluded[may_end], must_end)[1][:, 0]
 
     return _generate(step, state, prefix, max_len, eos, choose, min_len)
 
@@ -207,7 +231,7 @@ def sample(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eo
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must lie in (0, 1]")
 
-    def choose(logits: Tensor, must_end: Tensor, may_end: bool) -> Tensor:
+    def choose(logits: Tensor, must_end: Tensor | None, may_end: bool) -> Tensor:
         allowed = _restrict(logits, eos, banned, must_end, may_end)
         probs = _filter_logits(allowed, temperature, top_k, top_p).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -225,50 +249,56 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
     if not 1 <= nbest <= beam_size:
         raise ValueError(f"nbest={nbest} must lie between 1 and beam_size={beam_size}")
     B, K, device = prefix.size(0), beam_size, prefix.device
-    limit = _as_lengths(max_len, B, device)
+    limits = _as_lengths(max_len, B, device).tolist()
+    first_limit = min(limits)
+    excluded = _exclusions(eos, banned, device)
     tokens = prefix  # (n * width, T): a sentence's beams start as one row, so the first step runs once per sentence
     scores = torch.zeros(B, 1, device=device)  # (n, width)
-    sentences = torch.arange(B, device=device)  # original index of each sentence still searching
+    sentences = list(range(B))  # original index of each sentence still searching
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     start = prefix.size(1)
-    for t in range(int(limit.max()) + 1):
+    for t in range(max(limits) + 1):
         n, width = scores.shape
         logits = step(tokens, state)
         # The best 2K candidates of a sentence lie among the best 2K of each of its beams: rank only those,
         # and normalise only those (log p = logit - log normaliser).
-        beam_logits, beam_tokens, row_max = _best_allowed(logits, 2 * K, eos, banned,
-                                                          (t >= limit[sentences]).repeat_interleave(width), t >= min_len)
+        must_end = _must_end(t, limits, first_limit, sentences, width, device)
+        beam_logits, beam_tokens, row_max = _best_allowed(logits, 2 * K, eos, excluded[t >= min_len], must_end)
         log_normaliser = _log_normaliser(logits, row_max)
         candidates = (scores.view(-1, 1) + (beam_logits - log_normaliser)).view(n, width * 2 * K)
         top, index = candidates.topk(2 * K, dim=1)
         beam, token = index // (2 * K), beam_tokens.view(n, width * 2 * K).gather(1, index)
         is_eos = token == eos
 
-        ends = is_eos[:, :K] & (top[:, :K] > -torch.inf)
-        if bool(ends.any()):
-            i, j = ends.nonzero(as_tuple=True)
-            rows = i * width + beam[i, j]
+        # EOS among the best K ends a hypothesis: the search's one host sync per step, unless sentences finish.
+        i, j = (is_eos[:, :K] & (top[:, :K] > -torch.inf)).nonzero(as_tuple=True)
+        done = set()
+        if i.numel():
             penalty = length_penalty(t + 1, alpha, lp_form)
-            for s, seq, score in zip(sentences[i].tolist(), tokens[rows, start:].tolist(), (top[i, j] / penalty).tolist()):
-                if len(finished[s]) < K:
-                    finished[s].append(Hypothesis(seq, score))
+            rows = i * width + beam[i, j]
+            for row, seq, score in zip(i.tolist(), tokens[rows, start:].tolist(), (top[i, j] / penalty).tolist()):
+                hyps = finished[sentences[row]]
+                if len(hyps) < K:
+                    hyps.append(Hypothesis(seq, score))
+                    if len(hyps) == K:
+                        done.add(row)
+        if must_end is not None:
+            done.update(row for row, s in enumerate(sentences) if t >= limits[s])
+        if len(done) == n:
+            break
 
         # Continue with the best K candidates that are not EOS (with a real vocabulary there are at least K
         # among 2K; where there are not, an EOS fills the place, scored -inf so that it never competes).
-        rank = torch.arange(2 * K, device=device) + is_eos * 2 * K
-        keep = rank.topk(K, dim=1, largest=False).indices
+        keep = is_eos.sort(dim=1, stable=True).indices[:, :K]
         if width == K:  # each continuation in its beam's row where it can: few cache rows move
             keep = keep.gather(1, _stay_with_parent(beam.gather(1, keep)))
-        scores, token = top.gather(1, keep).masked_fill(is_eos.gather(1, keep), -torch.inf), token.gather(1, keep)
-        rows = (torch.arange(n, device=device)[:, None] * width + beam.gather(1, keep)).view(-1)
-
-        done = torch.tensor([len(finished[s]) >= K for s in sentences.tolist()], device=device) | (t >= limit[sentences])
-        if bool(done.all()):
-            break
+        scores, token = top.masked_fill(is_eos, -torch.inf).gather(1, keep), token.gather(1, keep)
+        rows = (beam.gather(1, keep) + torch.arange(0, n * width, width, device=device)[:, None]).view(-1)
         tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)
-        if bool(done.any()):  # drop finished sentences from the batch
-            live = _fill_gaps(done)
-            sentences, scores = sentences[live], scores[live]
+        if done:  # drop finished sentences from the batch
+            live = _fill_gaps(done, n)
+            sentences, live = [sentences[s] for s in live], torch.tensor(live, device=device)
+            scores = scores[live]
             live_rows = (live[:, None] * K + torch.arange(K, device=device)).view(-1)
             tokens, rows = tokens[live_rows], rows[live_rows]
         state.reorder(rows, group=K)

@@ -93,14 +93,14 @@ class KVCache:
         self.rows, self.length = n, end
         return self.k[:n, :, :end], self.v[:n, :, :end]
 
-    def reorder(self, index: Tensor, moved: Tensor) -> None:
-        """Row i becomes what row index[i] was; `moved` holds the i where index[i] != i, the only rows copied."""
+    def reorder(self, index: Tensor, moved: Tensor, sources: Tensor) -> None:
+        """Row i becomes what row index[i] was; `moved` holds the i where index[i] != i, the only rows copied,
+        and `sources` their index[i]."""
         if self.k is None:
             return
         if index.numel() > self.k.size(0):  # more rows than there is room for (beams fanning out)
             self._resize(self.k, index.numel(), self.k.size(2), index)
         elif moved.numel():
-            sources = index[moved]
             _copy_rows(self.k[:, :, :self.length], moved, sources)
             _copy_rows(self.v[:, :, :self.length], moved, sources)
         self.rows = index.numel()
@@ -300,8 +300,9 @@ class DecodeState:
         one sentence. Entries are rewritten in place where they fit, and only the rows with index[i] != i
         are copied: a search that keeps each beam's continuation in the beam's own row copies few."""
         moved = _moved(index)
+        sources = index[moved]
         for cache, _ in self.kv:
-            cache.reorder(index, moved)
+            cache.reorder(index, moved, sources)
         self.pad_len = None if self.pad_len is None else self.pad_len.index_select(0, index)
         if self.memory_mask is not None or self.memory is not None:
             sentences = index[::group] // self.group  # the sentence each new group comes from
