@@ -264,19 +264,19 @@ def test_kv_cache_grows_in_place_and_reorders_like_index_select():
             cache.reorder(index, moved, index[moved])
             expected = expected[index]
         new = torch.randn(expected.size(0), 2, 1, 4, generator=generator)
-        k, v = cache.append(new, -new)
+        k, v = cache.append(torch.stack([new, -new], dim=1))
         expected = torch.cat([expected, new], dim=2)
         assert torch.equal(k, expected) and torch.equal(v, -expected)
     assert cache.k.size(2) >= 40 and cache.length == 40
     with pytest.raises(ValueError, match="reorder the decoding state first"):
-        cache.append(torch.randn(cache.rows + 1, 2, 1, 4), torch.randn(cache.rows + 1, 2, 1, 4))
+        cache.append(torch.randn(cache.rows + 1, 2, 2, 1, 4))
 
 
 def test_kv_cache_copies_only_the_rows_that_change():
     from translator.model import KVCache, _moved
 
     cache = KVCache()
-    cache.append(torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 3, 2).contiguous(), torch.zeros(4, 1, 3, 2))
+    cache.append(torch.stack([torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 3, 2), torch.zeros(4, 1, 3, 2)], dim=1))
     index = torch.tensor([0, 0, 2, 1])
     assert _moved(index).tolist() == [1, 3]
     # Told that only row 1 moves, the cache leaves row 3 as it was: rows outside `moved` are never written.

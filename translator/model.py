@@ -71,55 +71,62 @@ def _copy_rows(t: Tensor, moved: Tensor, sources: Tensor) -> None:
 
 
 class KVCache:
-    """One self-attention layer's keys and values while decoding, in buffers with room to grow: row i of the
-    batch, position t at [i, :, t]. Appending writes in place; concatenating would copy the whole cache into a
-    fresh allocation every step (on CPU the copy and the new pages cost as much as attention itself)."""
+    """One self-attention layer's keys and values while decoding, in one buffer with room to grow: keys of row i
+    of the batch, position t at kv[i, 0, :, t], values at kv[i, 1, :, t]. Appending writes in place;
+    concatenating would copy the whole cache into a fresh allocation every step (on CPU the copy and the new
+    pages cost as much as attention itself). Keys and values share the buffer, so that appending or reordering
+    both is one copy each (the projection computes them side by side). Rows lead: PyTorch's CPU index_select and
+    index_copy_ along a later dimension were 10x slower."""
 
     def __init__(self) -> None:
-        self.k: Tensor | None = None  # (room for rows, H, room for positions, head_dim)
-        self.v: Tensor | None = None
+        self.kv: Tensor | None = None  # (room for rows, 2, H, room for positions, head_dim)
         self.rows = 0  # rows in use
         self.length = 0  # positions in use
 
-    def append(self, k: Tensor, v: Tensor) -> KV:
-        """New positions (N, H, T, head_dim) after the cached ones. Returns the keys and values of all positions."""
-        n, end = k.size(0), self.length + k.size(2)
+    @property
+    def k(self) -> Tensor:
+        return self.kv[:, 0]
+
+    @property
+    def v(self) -> Tensor:
+        return self.kv[:, 1]
+
+    def append(self, kv: Tensor) -> KV:
+        """New positions' keys and values, (N, 2, H, T, head_dim), after the cached ones. Returns the keys and
+        values of all positions."""
+        n, end = kv.size(0), self.length + kv.size(3)
         if self.length and n != self.rows:
             raise ValueError(f"{n} rows appended to a cache of {self.rows}: reorder the decoding state first")
-        if self.k is None or n > self.k.size(0) or end > self.k.size(2):
-            self._resize(k, n, max(2 * end, 16))
-        self.k[:n, :, self.length:end] = k
-        self.v[:n, :, self.length:end] = v
+        if self.kv is None or n > self.kv.size(0) or end > self.kv.size(3):
+            self._resize(kv, n, max(2 * end, 16))
+        self.kv[:n, :, :, self.length:end] = kv
         self.rows, self.length = n, end
-        return self.k[:n, :, :end], self.v[:n, :, :end]
+        return self.kv[:n, 0, :, :end], self.kv[:n, 1, :, :end]
 
     def reorder(self, index: Tensor, moved: Tensor, sources: Tensor) -> None:
         """Row i becomes what row index[i] was; `moved` holds the i where index[i] != i, the only rows copied,
         and `sources` their index[i]."""
-        if self.k is None:
+        if self.kv is None:
             return
-        if index.numel() > self.k.size(0):  # more rows than there is room for (beams fanning out)
-            self._resize(self.k, index.numel(), self.k.size(2), index)
+        if index.numel() > self.kv.size(0):  # more rows than there is room for (beams fanning out)
+            self._resize(self.kv, index.numel(), self.kv.size(3), index)
         elif moved.numel():
-            _copy_rows(self.k[:, :, :self.length], moved, sources)
-            _copy_rows(self.v[:, :, :self.length], moved, sources)
+            _copy_rows(self.kv[:, :, :, :self.length], moved, sources)
         self.rows = index.numel()
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 
     def _resize(self, like: Tensor, rows: int, positions: int, index: Tensor | None = None) -> None:
-        """New buffers with room for rows x positions, holding the cached entries (or their rows `index`)."""
-        old = self.k, self.v
-        self.k, self.v = (like.new_empty(rows, like.size(1), positions, like.size(3)) for _ in range(2))
-        if old[0] is None:
+        """A new buffer with room for rows x positions, holding the cached entries (or their rows `index`)."""
+        old, self.kv = self.kv, like.new_empty(rows, 2, like.size(2), positions, like.size(4))
+        if old is None:
             return
-        for before, after in zip(old, (self.k, self.v)):
-            cached = before[:self.rows, :, :self.length]
-            if index is None:
-                after[:self.rows, :, :self.length] = cached
-            else:
-                torch.index_select(cached, 0, index, out=after[:index.numel(), :, :self.length])
+        cached = old[:self.rows, :, :, :self.length]
+        if index is None:
+            self.kv[:self.rows, :, :, :self.length] = cached
+        else:
+            torch.index_select(cached, 0, index, out=self.kv[:index.numel(), :, :, :self.length])
 
 
 class MultiHeadAttention(nn.Module):
@@ -153,9 +160,10 @@ class MultiHeadAttention(nn.Module):
         and the keys/values attended to."""
         B, T, C = x.shape
         if not self.cross:
-            q, k, v = (self._heads(t) for t in self.qkv(x).split(C, dim=-1))
+            qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(0, 2, 3, 1, 4)  # (B, 3, H, T, C/H)
+            q, k, v = qkv.unbind(1)
             if past is not None:
-                k, v = past.append(k, v)
+                k, v = past.append(qkv[:, 1:])
         else:
             q = self._heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))
             k, v = past if past is not None else self.memory_kv(memory)
