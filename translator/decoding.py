@@ -98,8 +98,9 @@ def _topk(x: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
 def _log_normaliser(logits: Tensor, top: Tensor | None = None, rows: int = 64) -> Tensor:
     """torch.logsumexp(logits.float(), dim=-1, keepdim=True), (N, 1), given (if known) each row's maximum `top`;
     on CPU a block of rows at a time: its exp needs a temporary as large as the logits, and a fresh (N, V)
-    tensor per step cost more than the sum. (On a GPU the loop's kernel launches would cost more.)"""
-    if logits.device.type != "cpu":
+    tensor per step cost more than the sum. (On a GPU, or for fewer rows than a block, the loop's extra
+    operations would cost more.)"""
+    if logits.device.type != "cpu" or logits.size(0) < rows:
         return torch.logsumexp(logits.float(), dim=-1, keepdim=True)
     top = (logits.amax(dim=-1, keepdim=True) if top is None else top).float()
     total = torch.empty_like(top)

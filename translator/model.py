@@ -273,13 +273,13 @@ def _moved(index: Tensor) -> Tensor:
     return (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
 
 
-def _take_rows(t: Tensor, index: Tensor, moved: Tensor) -> Tensor:
+def _take_rows(t: Tensor, index: Tensor, moved: Tensor, sources: Tensor) -> Tensor:
     """t.index_select(0, index), written over t's own first rows where it fits (the result is a view of t);
-    `moved` holds the i where index[i] != i, the only rows copied."""
+    `moved` holds the i where index[i] != i, the only rows copied, and `sources` their index[i]."""
     if index.numel() > t.size(0):
         return t.index_select(0, index)
     if moved.numel():
-        _copy_rows(t, moved, index[moved])
+        _copy_rows(t, moved, sources)
     return t if index.numel() == t.size(0) else t[:index.numel()]
 
 
@@ -315,9 +315,10 @@ class DecodeState:
         if self.memory_mask is not None or self.memory is not None:
             sentences = index[::group] // self.group  # the sentence each new group comes from
             moved = _moved(sentences)
+            sources = sentences[moved]
 
             def per_sentence(t):
-                return None if t is None else _take_rows(t, sentences, moved)
+                return None if t is None else _take_rows(t, sentences, moved, sources)
             self.kv = [(cache, None if c is None else (per_sentence(c[0]), per_sentence(c[1]))) for cache, c in self.kv]
             self.memory, self.memory_mask = per_sentence(self.memory), per_sentence(self.memory_mask)
         self.group = group
