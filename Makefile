@@ -51,7 +51,7 @@ average:
 BENCH_DEVICE ?= cpu
 BENCH_SUFFIX := $(if $(filter cuda,$(BENCH_DEVICE)),_cuda,)
 BENCH_GPU_FLAGS := $(if $(filter cuda,$(BENCH_DEVICE)),--set train.precision=bf16-mixed,)
-.PHONY: bench-multi30k bench-multi30k-de-en bench-decode bench-train bench-decoder-only
+.PHONY: bench-multi30k bench-multi30k-de-en bench-decode bench-decode-ops bench-train bench-decoder-only
 bench-multi30k:
 	rm -rf runs/bench_multi30k_en_de$(BENCH_SUFFIX)
 	$(PYTHON) benchmarks/multi30k.py --recipe recipes/multi30k/en_de.yaml --data-dir $(DATA) --device $(BENCH_DEVICE) $(BENCH_GPU_FLAGS)
@@ -64,6 +64,10 @@ bench-multi30k-de-en:
 BENCH_MODEL ?= runs/bench_multi30k_en_de
 bench-decode:
 	$(PYTHON) benchmarks/decode_speed.py --model $(BENCH_MODEL) --data-dir $(DATA) --device $(BENCH_DEVICE)
+
+# Device operations per decoding step (what bounds small-model decoding on a GPU), counted on CPU.
+bench-decode-ops:
+	$(PYTHON) benchmarks/decode_ops.py --model $(BENCH_MODEL) --data-dir $(DATA)
 
 # Training tokens/s and MFU, transformer_base and _big, vs a same-size Hugging Face Marian (few steps on a CPU).
 BENCH_STEPS ?= $(if $(filter cuda,$(BENCH_DEVICE)),20,3)
