@@ -214,14 +214,14 @@ def test_reorder_selects_rows_and_cross_attention_is_computed_once():
     model.step(torch.full((3, 1), BOS), state)
     assert state.memory is None  # cross-attention keys/values are cached, the memory is no longer needed
     cache = state.kv[0][0]
-    cross_k, self_k, buffer = state.kv[0][1][0].clone(), cache.k[:3, :, :1].clone(), cache.k.data_ptr()
+    cross_k, self_k, buffer = state.kv[0][1][0].clone(), cache.kv[:3, 0, :, :1].clone(), cache.kv.data_ptr()
     state.reorder(torch.tensor([2, 2, 0]))
     state.reorder(torch.tensor([1, 0, 2]))  # reorders compose
     torch.testing.assert_close(state.kv[0][1][0], cross_k[[2, 2, 0]])
-    torch.testing.assert_close(cache.k[:3, :, :1], self_k[[2, 2, 0]])
-    assert cache.k.data_ptr() == buffer  # rewritten in place
+    torch.testing.assert_close(cache.kv[:3, 0, :, :1], self_k[[2, 2, 0]])
+    assert cache.kv.data_ptr() == buffer  # rewritten in place
     logits = model.step(torch.full((3, 2), BOS), state)
-    assert cache.length == 2 and cache.k.data_ptr() == buffer  # appended in place, within the room it has
+    assert cache.length == 2 and cache.kv.data_ptr() == buffer  # appended in place, within the room it has
     torch.testing.assert_close(logits, model(src[[2, 2, 0]], torch.full((3, 2), BOS))[:, -1], atol=1e-5, rtol=0)
     state.truncate(0)
     assert state.length == 0 and cache.length == 0
@@ -267,7 +267,7 @@ def test_kv_cache_grows_in_place_and_reorders_like_index_select():
         k, v = cache.append(torch.stack([new, -new], dim=1))
         expected = torch.cat([expected, new], dim=2)
         assert torch.equal(k, expected) and torch.equal(v, -expected)
-    assert cache.k.size(2) >= 40 and cache.length == 40
+    assert cache.kv.size(3) >= 40 and cache.length == 40
     with pytest.raises(ValueError, match="reorder the decoding state first"):
         cache.append(torch.randn(cache.rows + 1, 2, 2, 1, 4))
 
@@ -281,9 +281,9 @@ def test_kv_cache_copies_only_the_rows_that_change():
     assert _moved(index).tolist() == [1, 3]
     # Told that only row 1 moves, the cache leaves row 3 as it was: rows outside `moved` are never written.
     cache.reorder(index, torch.tensor([1]), torch.tensor([0]))
-    assert cache.k[:, 0, 0, 0].tolist() == [0.0, 0.0, 2.0, 3.0]
+    assert cache.kv[:, 0, 0, 0, 0].tolist() == [0.0, 0.0, 2.0, 3.0]
     cache.reorder(index, _moved(index), index[_moved(index)])
-    assert cache.k[:, 0, 0, 0].tolist() == [0.0, 0.0, 2.0, 0.0]
+    assert cache.kv[:, 0, 0, 0, 0].tolist() == [0.0, 0.0, 2.0, 0.0]
 
 
 def test_reused_logits_buffer_gives_the_same_decoding():

@@ -83,14 +83,6 @@ class KVCache:
         self.rows = 0  # rows in use
         self.length = 0  # positions in use
 
-    @property
-    def k(self) -> Tensor:
-        return self.kv[:, 0]
-
-    @property
-    def v(self) -> Tensor:
-        return self.kv[:, 1]
-
     def append(self, kv: Tensor) -> KV:
         """New positions' keys and values, (N, 2, H, T, head_dim), after the cached ones. Returns the keys and
         values of all positions."""
