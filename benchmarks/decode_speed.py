@@ -28,9 +28,9 @@ from translator.data import load_corpus  # noqa: E402
 from translator.inference import batches_by_length, translate_ids  # noqa: E402
 
 
-def run_ours(model, sources, beam, batch_tokens, device):
+def run_ours(model, sources, beam, batch_tokens, cuda_graphs=False):
     options = DecodeConfig(beam=beam, lenpen=1.0, lp_form="length", max_len_a=1.0, max_len_b=50,
-                           batch_tokens=batch_tokens)
+                           batch_tokens=batch_tokens, cuda_graphs=cuda_graphs)
     return [o[0] for o in translate_ids(model, sources, options, mode="greedy" if beam == 1 else "beam")]
 
 
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time translator with decode.cuda_graphs (on a CPU: uncaptured, slower)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,7 +80,9 @@ def main() -> None:
     sources = tokenizer.encode(lines)
     metrics: dict = {"sentences": len(lines), "source_tokens": sum(map(len, sources)), "threads": args.threads,
                      "batch_tokens": args.batch_tokens}
-    systems = {"translator": lambda beam: run_ours(model, sources, beam, args.batch_tokens, args.device)}
+    systems = {"translator": lambda beam: run_ours(model, sources, beam, args.batch_tokens)}
+    if args.cuda_graphs:
+        systems["translator_cuda_graphs"] = lambda beam: run_ours(model, sources, beam, args.batch_tokens, cuda_graphs=True)
 
     if not args.skip_hf:
         hf = to_marian(model).to(args.device)
@@ -137,6 +141,9 @@ def main() -> None:
         ours = metrics[f"translator_{mode}_seconds"]
         if "hf_generate" in outputs[mode]:
             metrics[f"speedup_vs_hf_{mode}"] = round(metrics[f"hf_generate_{mode}_seconds"] / ours, 2)
+            if args.cuda_graphs:
+                metrics[f"cuda_graphs_speedup_vs_hf_{mode}"] = round(
+                    metrics[f"hf_generate_{mode}_seconds"] / metrics[f"translator_cuda_graphs_{mode}_seconds"], 2)
         if "ctranslate2" in outputs[mode]:
             # ours / CTranslate2 float32, as throughput: above 1 means faster than CTranslate2.
             metrics[f"ratio_vs_ctranslate2_{mode}"] = round(metrics[f"ctranslate2_{mode}_seconds"] / ours, 3)

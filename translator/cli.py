@@ -146,7 +146,7 @@ def _decode_options(recipe, args):
 
     options = dataclasses.replace(recipe.decode)
     for name, attr in (("beam", "beam"), ("lenpen", "lenpen"), ("lp_form", "lp_form"), ("max_len_a", "max_len_a"),
-                       ("max_len_b", "max_len_b"), ("batch_tokens", "batch_tokens")):
+                       ("max_len_b", "max_len_b"), ("batch_tokens", "batch_tokens"), ("cuda_graphs", "cuda_graphs")):
         value = getattr(args, name, None)
         if value is not None:
             setattr(options, attr, value)
@@ -372,6 +372,8 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-len-a", dest="max_len_a", type=float, help="output limit a * source length + b: a")
     g.add_argument("--max-len-b", dest="max_len_b", type=int, help="output limit a * source length + b: b")
     g.add_argument("--batch-tokens", dest="batch_tokens", type=int, help="source tokens per batch")
+    g.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
+                   help="replay each decoding step from a CUDA graph (fixed shapes; GPU only, slower on CPU)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
 

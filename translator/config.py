@@ -209,6 +209,9 @@ class DecodeConfig:
     max_len_b: int = 50
     average_last: int = 5  # checkpoints averaged for the final model (the paper: 5 base, 20 big)
     batch_tokens: int = 8192
+    # Decoding steps replayed from CUDA graphs (translator/cuda_graphs.py): one launch per step instead of one per
+    # operation. On CPU the same fixed-shape steps run uncaptured, slower than the default.
+    cuda_graphs: bool = False
 
 
 SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "train": TrainConfig, "decode": DecodeConfig}

@@ -3,8 +3,9 @@
 A step function `step(tokens, state) -> logits` receives every token so far, (N, T), and returns the
 logits of the next one, (N, V). `state` is the caller-owned cache: it must offer `reorder(index, group)`,
 after which row i holds what row index[i] held and each `group` consecutive rows belong to one sentence
-(its beams). Both models' `.step` and `.start(...)` fit this; so does a scripted test double. Each function
-drops sentences from the batch once they are finished.
+(its beams). Both models' `.step` and `.start(...)` fit this; so does a scripted test double. A state whose
+reorders cost the same whatever rows move says so with `sparse_reorder = False` (beam search then skips keeping
+continuations in their parents' rows). Each function drops sentences from the batch once they are finished.
 
 Lengths: at most `max_len` tokens are generated before EOS (per sentence, a*src_len + b in the paper),
 then EOS is forced. Returned token lists hold neither the prefix nor EOS.
@@ -291,8 +292,8 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
         # Continue with the best K candidates that are not EOS (with a real vocabulary there are at least K
         # among 2K; where there are not, an EOS fills the place, scored -inf so that it never competes).
         keep = is_eos.sort(dim=1, stable=True).indices[:, :K]
-        if width == K:  # each continuation in its beam's row where it can: few cache rows move
-            keep = keep.gather(1, _stay_with_parent(beam.gather(1, keep)))
+        if width == K and getattr(state, "sparse_reorder", True):  # each continuation in its beam's row where it
+            keep = keep.gather(1, _stay_with_parent(beam.gather(1, keep)))  # can: few cache rows move
         scores, token = top.masked_fill(is_eos, -torch.inf).gather(1, keep), token.gather(1, keep)
         rows = (beam.gather(1, keep) + torch.arange(0, n * width, width, device=device)[:, None]).view(-1)
         tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)

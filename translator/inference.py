@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from .config import DecodeConfig
+from .cuda_graphs import GraphedStep, StaticDecodeState
 from .decoding import beam_search, greedy, max_lengths, sample, speculative
 from .model import DecoderOnly, EncoderDecoder
 
@@ -73,15 +74,21 @@ def translate_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequenc
     lengths = [len(s) + 1 for s in sources]
     for batch in batches_by_length(lengths, options.batch_tokens):
         state, prefix, limit = prepare(model, [sources[i] for i in batch], options)
-        state.reuse_logits = True  # the decoding functions read each step's logits before the next step
+        step = model.step
+        if options.cuda_graphs:  # fixed shapes: room for every beam and for the longest output (EOS is not fed)
+            rows = len(batch) * (options.beam if mode == "beam" else 1)
+            state = StaticDecodeState(model, state, rows, positions=prefix.size(1) + int(limit.max()))
+            step = GraphedStep(model, capture=prefix.is_cuda)
+        else:
+            state.reuse_logits = True  # the decoding functions read each step's logits before the next step
         if mode == "beam":
-            hyps = beam_search(model.step, state, prefix, limit, cfg.eos_id, beam_size=options.beam,
+            hyps = beam_search(step, state, prefix, limit, cfg.eos_id, beam_size=options.beam,
                                alpha=options.lenpen, lp_form=options.lp_form, nbest=nbest, banned=banned)
             outputs = [[h.tokens for h in hs] for hs in hyps]
         elif mode == "greedy":
-            outputs = [[t] for t in greedy(model.step, state, prefix, limit, cfg.eos_id, banned=banned)]
+            outputs = [[t] for t in greedy(step, state, prefix, limit, cfg.eos_id, banned=banned)]
         elif mode == "sample":
-            outputs = [[t] for t in sample(model.step, state, prefix, limit, cfg.eos_id, banned=banned,
+            outputs = [[t] for t in sample(step, state, prefix, limit, cfg.eos_id, banned=banned,
                                            generator=generator, **(sampling or {}))]
         else:
             raise ValueError(f"decoding mode {mode!r}: expected beam, greedy or sample")

@@ -293,6 +293,7 @@ class DecodeState:
     group: int = 1  # rows per sentence
     reuse_logits: bool = False  # step writes its logits into `logits`, over the previous step's (on CPU)
     logits: Tensor | None = None
+    sparse_reorder = True  # reorders copy only the rows that move (for beam search: see decoding.py)
 
     def reorder(self, index: Tensor, group: int = 1) -> None:
         """Row i becomes what row index[i] was (beam reordering, expanding to beams, dropping finished rows).
@@ -303,17 +304,23 @@ class DecodeState:
         sources = index[moved]
         for cache, _ in self.kv:
             cache.reorder(index, moved, sources)
-        self.pad_len = None if self.pad_len is None else self.pad_len.index_select(0, index)
+        self.pad_len = None if self.pad_len is None else self._per_row(self.pad_len, index, moved, sources)
         if self.memory_mask is not None or self.memory is not None:
             sentences = index[::group] // self.group  # the sentence each new group comes from
             moved = _moved(sentences)
             sources = sentences[moved]
 
             def per_sentence(t):
-                return None if t is None else _take_rows(t, sentences, moved, sources)
+                return None if t is None else self._per_sentence(t, sentences, moved, sources)
             self.kv = [(cache, None if c is None else (per_sentence(c[0]), per_sentence(c[1]))) for cache, c in self.kv]
             self.memory, self.memory_mask = per_sentence(self.memory), per_sentence(self.memory_mask)
         self.group = group
+
+    @staticmethod
+    def _per_row(t: Tensor, index: Tensor, moved: Tensor, sources: Tensor) -> Tensor:
+        return t.index_select(0, index)
+
+    _per_sentence = staticmethod(_take_rows)
 
     def truncate(self, length: int) -> None:
         """Forget positions from `length` on (speculative decoding rejects drafted tokens this way)."""
@@ -321,20 +328,30 @@ class DecodeState:
             cache.truncate(length)
         self.length = length
 
+    def positions(self, new: Tensor) -> Tensor:
+        """Positions of the new tokens (N, T) after those the state holds: (T,), or (N, T) after left padding."""
+        positions = torch.arange(self.length, self.length + new.size(1), device=new.device)
+        if self.pad_len is None:
+            return positions
+        return (positions[None, :] - self.pad_len[:, None]).clamp(min=0)
 
-def _incremental_mask(state: DecodeState, n_new: int, device: torch.device, bidirectional: bool = False) -> Tensor | None:
-    """Mask for n_new query positions after state.length cached ones: causal (or, for a prefix LM's prompt,
-    bidirectional), and blind to left padding."""
-    total = state.length + n_new
-    if (n_new == 1 or bidirectional) and state.pad_len is None:
-        return None  # one new position may see every cached one; a bidirectional prompt sees all of itself
-    key = torch.arange(total, device=device)
-    query = torch.arange(state.length, total, device=device)
-    mask = torch.ones(1, 1, n_new, total, dtype=torch.bool, device=device) if bidirectional else \
-        (key[None, :] <= query[:, None])[None, None]  # (1, 1, n_new, total)
-    if state.pad_len is not None:
-        mask = mask & (key[None, :] >= state.pad_len[:, None])[:, None, None, :]
-    return mask
+    def attention_mask(self, new: Tensor, bidirectional: bool = False) -> Tensor | None:
+        """Self-attention mask for the new tokens (N, T) over every position so far: causal (or, for a prefix
+        LM's prompt, bidirectional), and blind to left padding. None where nothing needs hiding."""
+        n_new, device = new.size(1), new.device
+        total = self.length + n_new
+        if (n_new == 1 or bidirectional) and self.pad_len is None:
+            return None  # one new position may see every cached one; a bidirectional prompt sees all of itself
+        key = torch.arange(total, device=device)
+        query = torch.arange(self.length, total, device=device)
+        mask = torch.ones(1, 1, n_new, total, dtype=torch.bool, device=device) if bidirectional else \
+            (key[None, :] <= query[:, None])[None, None]  # (1, 1, n_new, total)
+        if self.pad_len is not None:
+            mask = mask & (key[None, :] >= self.pad_len[:, None])[:, None, None, :]
+        return mask
+
+    def advance(self, n_new: int) -> None:
+        self.length += n_new
 
 
 class _Seq2SeqBase(nn.Module):
@@ -360,12 +377,6 @@ class _Seq2SeqBase(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         return F.linear(h, self.output_weight)
-
-    def _positions(self, state: DecodeState, n_new: int, device: torch.device) -> Tensor:
-        positions = torch.arange(state.length, state.length + n_new, device=device)
-        if state.pad_len is None:
-            return positions
-        return (positions[None, :] - state.pad_len[:, None]).clamp(min=0)
 
     @torch.no_grad()
     def step(self, tokens: Tensor, state: DecodeState) -> Tensor:
@@ -429,10 +440,9 @@ class EncoderDecoder(_Seq2SeqBase):
 
     def hidden(self, new: Tensor, state: DecodeState) -> Tensor:
         """The decoder's output for the new tokens (N, T) after those the state holds."""
-        x = self.tgt_embed(new, self._positions(state, new.size(1), new.device), end=state.length + new.size(1))
-        mask = _incremental_mask(state, new.size(1), new.device)
-        h = self.decoder(x, mask, False, state.memory, state.memory_mask, state)
-        state.length += new.size(1)
+        x = self.tgt_embed(new, state.positions(new), end=state.length + new.size(1))
+        h = self.decoder(x, state.attention_mask(new), False, state.memory, state.memory_mask, state)
+        state.advance(new.size(1))
         state.memory = None  # its keys/values are cached in every layer now
         return h
 
@@ -474,11 +484,10 @@ class DecoderOnly(_Seq2SeqBase):
 
     def hidden(self, new: Tensor, state: DecodeState) -> Tensor:
         """The stack's output for the new tokens (N, T) after those the state holds."""
-        x = self.tgt_embed(new, self._positions(state, new.size(1), new.device), end=state.length + new.size(1))
+        x = self.tgt_embed(new, state.positions(new), end=state.length + new.size(1))
         prompt = self.cfg.prefix_lm and state.length == 0  # a prefix LM reads its prompt (the source) both ways
-        mask = _incremental_mask(state, new.size(1), new.device, bidirectional=prompt)
-        h = self.decoder(x, mask, False, state=state)
-        state.length += new.size(1)
+        h = self.decoder(x, state.attention_mask(new, bidirectional=prompt), False, state=state)
+        state.advance(new.size(1))
         return h
 
 
