@@ -60,10 +60,12 @@ bench-multi30k-de-en:
 	rm -rf runs/bench_multi30k_de_en$(BENCH_SUFFIX)
 	$(PYTHON) benchmarks/multi30k.py --recipe recipes/multi30k/de_en.yaml --data-dir $(DATA) --device $(BENCH_DEVICE) $(BENCH_GPU_FLAGS)
 
-# Decoding speed vs Hugging Face generate and CTranslate2 on a trained run (default: the en->de benchmark's).
+# Decoding speed vs Hugging Face generate and CTranslate2 on a trained run (default: the en->de benchmark's);
+# on a GPU also with CUDA graphs.
 BENCH_MODEL ?= runs/bench_multi30k_en_de
 bench-decode:
-	$(PYTHON) benchmarks/decode_speed.py --model $(BENCH_MODEL) --data-dir $(DATA) --device $(BENCH_DEVICE)
+	$(PYTHON) benchmarks/decode_speed.py --model $(BENCH_MODEL) --data-dir $(DATA) --device $(BENCH_DEVICE) \
+		$(if $(filter cuda,$(BENCH_DEVICE)),--cuda-graphs,)
 
 # Device operations per decoding step (what bounds small-model decoding on a GPU), counted on CPU.
 bench-decode-ops:

@@ -152,19 +152,30 @@ class GraphedStep:
         return self.model.logits(self.model.hidden(state.tokens, state)[:, -1])
 
     def _capture(self, state: StaticDecodeState) -> None:
-        """Warm up on a side stream (PyTorch's advice: workspaces and lazy initialisation happen outside the
-        capture), then capture one step. Warm-up steps write the same keys and values at the same position, so
-        undoing their advance of the position is all it takes to leave the state as it was."""
+        """Warm up on a side stream (lazy initialisation, such as that stream's cuBLAS workspace, must not happen
+        during capture), then capture one step on it. The warm-up writes the same keys and values at the same
+        position, so undoing its advance leaves the state as it was; the capture records kernels without running
+        them. CUDAGraph's low-level calls rather than `torch.cuda.graph`, which empties the allocator's cache
+        before each capture (one capture per batch here)."""
         length, position = state.length, state.position.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(state)
-                state.position.copy_(position)
+            self._step(state)
+            state.position.copy_(position)
+            state.length = length
+            torch.cuda.synchronize()
+            try:
+                graph.capture_begin()
+                try:
+                    logits = self._step(state)
+                finally:
+                    graph.capture_end()
+            except RuntimeError as error:
+                raise RuntimeError(f"capturing a decoding step as a CUDA graph failed ({error}); decode without "
+                                   "cuda_graphs (--cuda-graphs) instead") from error
+            finally:
                 state.length = length
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step(state)
-        state.length = length  # capture records the kernels without running them: the replay makes the step
+        self.graph, self.logits = graph, logits
