@@ -43,9 +43,9 @@ class StaticKVCache:
 
 class StaticDecodeState(DecodeState):
     """A DecodeState of fixed shapes: room for `rows` rows (sentences x beams) and `positions` positions from the
-    start, the next position on the device, and every layer's keys and values in one tensor, so that a reorder
-    is two operations whatever the layers, with no host sync (DecodeState finds the rows that move, a sync, and
-    copies only those, layer by layer). Steps after the first run on all `rows` rows, those of finished sentences
+    start, the next position on the device, and every layer's keys and values in one tensor, so that reordering
+    them is two operations whatever the number of layers, with no host sync (DecodeState finds the rows that
+    move, a sync, and copies only those, layer by layer). Steps after the first run on all `rows` rows, those of finished sentences
     included (see fixed_shape)."""
 
     sparse_reorder = False

@@ -304,23 +304,17 @@ class DecodeState:
         sources = index[moved]
         for cache, _ in self.kv:
             cache.reorder(index, moved, sources)
-        self.pad_len = None if self.pad_len is None else self._per_row(self.pad_len, index, moved, sources)
+        self.pad_len = None if self.pad_len is None else self.pad_len.index_select(0, index)
         if self.memory_mask is not None or self.memory is not None:
             sentences = index[::group] // self.group  # the sentence each new group comes from
             moved = _moved(sentences)
             sources = sentences[moved]
 
             def per_sentence(t):
-                return None if t is None else self._per_sentence(t, sentences, moved, sources)
+                return None if t is None else _take_rows(t, sentences, moved, sources)
             self.kv = [(cache, None if c is None else (per_sentence(c[0]), per_sentence(c[1]))) for cache, c in self.kv]
             self.memory, self.memory_mask = per_sentence(self.memory), per_sentence(self.memory_mask)
         self.group = group
-
-    @staticmethod
-    def _per_row(t: Tensor, index: Tensor, moved: Tensor, sources: Tensor) -> Tensor:
-        return t.index_select(0, index)
-
-    _per_sentence = staticmethod(_take_rows)
 
     def truncate(self, length: int) -> None:
         """Forget positions from `length` on (speculative decoding rejects drafted tokens this way)."""
