@@ -152,6 +152,8 @@ def _decode_options(recipe, args):
             setattr(options, attr, value)
     if options.beam < 1 or options.batch_tokens < 1:
         raise ValueError("--beam and --batch-tokens must be positive")
+    if options.cuda_graphs and _device(args.device) != "cuda":
+        log.warning("cuda_graphs: no CUDA device here, so the fixed-shape decoding steps run uncaptured (slower on CPU)")
     return options
 
 
