@@ -26,7 +26,7 @@ from common import save_result  # noqa: E402
 from hf_marian import marian_config  # noqa: E402
 
 from translator import ModelConfig, build_model, count_parameters  # noqa: E402
-from translator.data import TokenBatches, Tokenizer, encode_corpus, load_corpus  # noqa: E402
+from translator.data import PAD_ID, TokenBatches, Tokenizer, encode_corpus, load_corpus  # noqa: E402
 from translator.training import label_smoothed_loss  # noqa: E402
 
 H100_BF16_PEAK = 989e12
@@ -50,6 +50,34 @@ def step_flops(cfg: ModelConfig, batch: dict) -> float:
     matmul = 6 * (cfg.n_encoder_layers * enc_layer * src_tokens + (cfg.n_decoder_layers * dec_layer + d * V) * tgt_tokens)
     attention = 12 * d * B * (cfg.n_encoder_layers * S * S + cfg.n_decoder_layers * (T * T + T * S))
     return matmul + attention
+
+
+def pad_to_multiple(batch: dict, multiple: int) -> dict:
+    """Widths of src, tgt_in and tgt_out rounded up to a multiple, with padding (which the masks and the loss skip)."""
+    if multiple <= 1:
+        return batch
+    padded = dict(batch)
+    for key in ("src", "tgt_in", "tgt_out"):
+        width = batch[key].size(1)
+        padded[key] = torch.nn.functional.pad(batch[key], (0, -width % multiple), value=PAD_ID)
+    return padded
+
+
+def set_inductor_options(options: list[str]) -> None:
+    """KEY=VALUE pairs into torch._inductor.config (dotted keys reach sub-configs, e.g. triton.divisible_by_16)."""
+    import ast
+
+    import torch._inductor.config as config
+
+    for option in options:
+        key, _, value = option.partition("=")
+        *path, name = key.split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, name):
+            raise SystemExit(f"--inductor {option}: torch._inductor.config has no {key}")
+        setattr(target, name, ast.literal_eval(value))
 
 
 def make_batches(data_dir: str, max_tokens: int, n: int, vocab_size: int, device: str) -> tuple[list[dict], int]:
@@ -99,15 +127,22 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time our model under torch.compile (dynamic shapes, "
                                                                 "as `train.compile: true` does), after --warmup steps")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--pad-to-multiple", type=int, default=1,
+                        help="round batch widths up to this multiple (fewer distinct shapes for --compile)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="a torch._inductor.config setting for --compile, e.g. triton.divisible_by_16=False")
     args = parser.parse_args()
+    set_inductor_options(args.inductor)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 matmuls are slower than fp32 on our CPU
     max_tokens = args.max_tokens or (25000 if device == "cuda" else 4096)
     batches, vocab = make_batches(args.data_dir, max_tokens, args.warmup + args.steps, args.vocab_size, device)
-    timed = batches[args.warmup:]
+    timed = batches[args.warmup:]  # FLOPs count the batches as made, without --pad-to-multiple's extra padding
+    batches = [pad_to_multiple(b, args.pad_to_multiple) for b in batches]
     peak = H100_BF16_PEAK if device == "cuda" else measured_cpu_peak()
     metrics: dict = {"max_tokens": max_tokens, "dtype": str(dtype).removeprefix("torch."), "vocab_size": vocab,
                      "steps": args.steps, "peak_flops": peak, "compiled": args.compile,
+                     "pad_to_multiple": args.pad_to_multiple, "inductor_options": args.inductor,
                      "peak_source": "H100 SXM dense bf16" if device == "cuda" else "measured 2048^3 fp32 matmul"}
     tokens = sum(b["ntokens"] for b in timed)
 
@@ -127,9 +162,13 @@ def main() -> None:
             start = time.perf_counter()
             time_training(lambda b: compiled(b["src"], b["tgt_in"]), model.parameters(), batches[:args.warmup], device, dtype)
             row["compile_warmup_seconds"] = round(time.perf_counter() - start, 1)
-            compiled_seconds = measure(lambda b: compiled(b["src"], b["tgt_in"]), model.parameters(), batches)
+            step_times = time_training(lambda b: compiled(b["src"], b["tgt_in"]), model.parameters(), batches, device,
+                                       dtype)[args.warmup:]
+            compiled_seconds = sum(step_times)
             row.update(compiled_tokens_per_second=round(tokens / compiled_seconds, 1),
-                       compiled_mfu=round(flops / compiled_seconds / peak, 4))
+                       compiled_mfu=round(flops / compiled_seconds / peak, 4),
+                       compiled_step_ms_median=round(1000 * sorted(step_times)[len(step_times) // 2], 1),
+                       compiled_step_ms_max=round(1000 * max(step_times), 1))
             del compiled
             torch._dynamo.reset()
         del model
