@@ -41,7 +41,7 @@ def start(model, n=5):
 
 def record(model, search):
     """What `search(step, state, prefix, limit)` does to a DecodeState: ('step', tokens, logits) and
-    ('reorder', index, group) in order."""
+    ('reorder', index, (group, sentences)) in order."""
     calls = []
     state, prefix, limit = start(model)
 
@@ -51,9 +51,9 @@ def record(model, search):
         return logits
     reorder = state.reorder
 
-    def recorded_reorder(index, group=1):
-        calls.append(("reorder", index.clone(), group))
-        reorder(index, group)
+    def recorded_reorder(index, group=1, sentences=None):
+        calls.append(("reorder", index.clone(), (group, sentences)))
+        reorder(index, group, sentences)
     state.reorder = recorded_reorder
     search(step, state, prefix, limit)
     return calls
@@ -69,10 +69,13 @@ SEARCHES = {"beam": (4, lambda step, state, prefix, limit: beam_search(step, sta
             "greedy": (1, lambda step, state, prefix, limit: greedy(step, state, prefix, limit, EOS, banned=(PAD, BOS)))}
 
 
+@pytest.mark.parametrize("told", [True, False])
 @pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only", "prefix_lm"])
 @torch.inference_mode()
-def test_static_state_gives_the_logits_of_the_growing_one(arch, search):
+def test_static_state_gives_the_logits_of_the_growing_one(arch, search, told):
+    # told: reorders carry the search's word on which sentence each group comes from; else the state reads it
+    # off the row index.
     model = models()[arch]
     width, run = SEARCHES[search]
     calls = record(model, run)
@@ -82,7 +85,7 @@ def test_static_state_gives_the_logits_of_the_growing_one(arch, search):
         if kind == "step":
             torch.testing.assert_close(step(a, state), b, atol=1e-5, rtol=1e-5)
         else:
-            state.reorder(a, b)
+            state.reorder(a, b[0], b[1] if told else None)
 
 
 class RecordOps(TorchDispatchMode):

@@ -17,7 +17,7 @@ class History:
     def __init__(self):
         self.reorders = 0
 
-    def reorder(self, index, group=1):
+    def reorder(self, index, group=1, sentences=None):
         self.reorders += 1
 
 

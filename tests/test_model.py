@@ -227,24 +227,27 @@ def test_reorder_selects_rows_and_cross_attention_is_computed_once():
     assert state.length == 0 and cache.length == 0
 
 
-def test_beams_share_their_sentence_memory():
+@pytest.mark.parametrize("told", [False, True])
+def test_beams_share_their_sentence_memory(told):
+    # told: the caller says which sentence each group comes from (as the search functions do), else the state
+    # reads it off the row index.
     model = tiny()
     src, tgt = random_tokens(3, 5), random_tokens(3, 4)
     state = model.start(src)
     model.step(tgt[:, :1], state)
     cross_k = state.kv[0][1][0]
     # Expand to 2 beams per sentence: self-attention entries per row, cross-attention entries stay per sentence.
-    state.reorder(torch.arange(3).repeat_interleave(2), group=2)
+    state.reorder(torch.arange(3).repeat_interleave(2), group=2, sentences=range(3) if told else None)
     assert state.kv[0][0].rows == 6 and state.kv[0][1][0] is cross_k
     # Reordering beams within sentences copies no memory; the logits match a plain batch of the same rows.
-    state.reorder(torch.tensor([1, 1, 2, 3, 5, 4]), group=2)
+    state.reorder(torch.tensor([1, 1, 2, 3, 5, 4]), group=2, sentences=range(3) if told else None)
     assert state.kv[0][1][0] is cross_k
     rows = torch.tensor([0, 0, 1, 1, 2, 2])
     logits = model.step(tgt[rows, :2], state)
     torch.testing.assert_close(logits, model(src[rows], tgt[rows, :2])[:, -1], atol=1e-5, rtol=0)
     # The first sentence finishes and the last takes its place (as beam search compacts its batch): the
     # memory is selected in place, and the second sentence's entries stay where they are.
-    state.reorder(torch.tensor([4, 5, 2, 3]), group=2)
+    state.reorder(torch.tensor([4, 5, 2, 3]), group=2, sentences=[2, 1] if told else None)
     assert state.kv[0][1][0].shape[0] == 2 and state.kv[0][1][0].data_ptr() == cross_k.data_ptr()
     rows = torch.tensor([2, 2, 1, 1])
     logits = model.step(tgt[rows, :3], state)

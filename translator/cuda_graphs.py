@@ -14,6 +14,8 @@ where it is slower than DecodeState (attention reads every position, written or 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -62,6 +64,7 @@ class StaticDecodeState(DecodeState):
         # The memory's cross-attention keys and values, (layers, 2, sentences, H, S, head_dim), computed here once.
         self.memory_kv = None if state.memory is None else \
             torch.stack([torch.stack(block.cross_attn.memory_kv(state.memory)) for block in model.decoder.blocks])
+        self.sentences = 0 if state.memory is None else state.memory.size(0)  # in use, the first of memory_kv's
         pad_len = None
         if state.pad_len is not None:
             pad_len = state.pad_len.new_zeros(rows)
@@ -80,7 +83,7 @@ class StaticDecodeState(DecodeState):
         may be one per sentence, before beams fan out) or with every row in use from the start."""
         return new.size(1) == 1 and (self.length > 0 or new.size(0) == self.rows)
 
-    def reorder(self, index: Tensor, group: int = 1) -> None:
+    def reorder(self, index: Tensor, group: int = 1, sentences: Sequence[int] | None = None) -> None:
         """As DecodeState.reorder, in place: rows past len(index) keep what they held. Copies the written positions
         of every row: on a GPU a few more bytes cost less than finding the rows that move."""
         n = index.numel()
@@ -91,10 +94,14 @@ class StaticDecodeState(DecodeState):
             written[:, :n] = written.index_select(1, index)
         if self.pad_len is not None:
             self.pad_len[:n] = self.pad_len.index_select(0, index)
-        if self.memory_kv is not None:
-            sentences = index[::group] if self.group == 1 else index[::group] // self.group
+        if self.memory_kv is not None and sentences != range(self.sentences):
+            if sentences is None:
+                sentences = index[::group] if self.group == 1 else index[::group] // self.group
+            else:
+                sentences = torch.tensor(list(sentences), device=index.device)
             self.memory_kv[:, :, :sentences.numel()] = self.memory_kv.index_select(2, sentences)
             self.memory_mask[:sentences.numel()] = self.memory_mask.index_select(0, sentences)
+            self.sentences = sentences.numel()
         self.group = group
 
     def _written(self, new: Tensor) -> Tensor:  # where the new tokens go: (T,)

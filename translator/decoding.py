@@ -1,9 +1,10 @@
 """Decoding as plain functions over a step function.
 
 A step function `step(tokens, state) -> logits` receives every token so far, (N, T), and returns the
-logits of the next one, (N, V). `state` is the caller-owned cache: it must offer `reorder(index, group)`,
-after which row i holds what row index[i] held and each `group` consecutive rows belong to one sentence
-(its beams). Both models' `.step` and `.start(...)` fit this; so does a scripted test double. A state whose
+logits of the next one, (N, V). `state` is the caller-owned cache: it must offer `reorder(index, group,
+sentences)`, after which row i holds what row index[i] held and each `group` consecutive rows belong to one
+sentence (its beams); `sentences` says, from the host, which old sentence each new group comes from (a `range`
+when none moved), so that the state need not work it out on the device. Both models' `.step` and `.start(...)` fit this; so does a scripted test double. A state whose
 reorders cost the same whatever rows move says so with `sparse_reorder = False` (beam search then skips keeping
 continuations in their parents' rows). Each function drops sentences from the batch once they are finished.
 
@@ -21,7 +22,7 @@ from torch import Tensor
 
 
 class State(Protocol):
-    def reorder(self, index: Tensor, group: int = 1) -> None: ...
+    def reorder(self, index: Tensor, group: int = 1, sentences: Sequence[int] | None = None) -> None: ...
 
 
 StepFn = Callable[[Tensor, State], Tensor]
@@ -205,7 +206,7 @@ def _generate(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor,
             keep = _fill_gaps(ended, len(alive))
             alive, index = [alive[row] for row in keep], torch.tensor(keep, device=device)
             tokens = tokens[index]
-            state.reorder(index)
+            state.reorder(index, sentences=keep)
     for rows, nxt in generated:  # one host transfer per step, after the loop
         for row, token in zip(rows, nxt.tolist()):
             if token != eos:
@@ -297,13 +298,14 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
         scores, token = top.masked_fill(is_eos, -torch.inf).gather(1, keep), token.gather(1, keep)
         rows = (beam.gather(1, keep) + torch.arange(0, n * width, width, device=device)[:, None]).view(-1)
         tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)
+        kept = range(n)
         if done:  # drop finished sentences from the batch
-            live = _fill_gaps(done, n)
-            sentences, live = [sentences[s] for s in live], torch.tensor(live, device=device)
+            kept = _fill_gaps(done, n)
+            sentences, live = [sentences[s] for s in kept], torch.tensor(kept, device=device)
             scores = scores[live]
             live_rows = (live[:, None] * K + torch.arange(K, device=device)).view(-1)
             tokens, rows = tokens[live_rows], rows[live_rows]
-        state.reorder(rows, group=K)
+        state.reorder(rows, group=K, sentences=kept)
     for hyps in finished:
         hyps.sort(key=lambda h: h.score, reverse=True)
     return [hyps[:nbest] for hyps in finished]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -295,18 +296,21 @@ class DecodeState:
     logits: Tensor | None = None
     sparse_reorder = True  # reorders copy only the rows that move (for beam search: see decoding.py)
 
-    def reorder(self, index: Tensor, group: int = 1) -> None:
+    def reorder(self, index: Tensor, group: int = 1, sentences: Sequence[int] | None = None) -> None:
         """Row i becomes what row index[i] was (beam reordering, expanding to beams, dropping finished rows).
         Afterwards every `group` consecutive rows belong to one sentence; each group must come from rows of
-        one sentence. Entries are rewritten in place where they fit, and only the rows with index[i] != i
-        are copied: a search that keeps each beam's continuation in the beam's own row copies few."""
+        one sentence, `sentences[g]` for group g where the caller knows it (a range: none moved; None: read off
+        index). Entries are rewritten in place where they fit, and only the rows with index[i] != i are copied:
+        a search that keeps each beam's continuation in the beam's own row copies few."""
         moved = _moved(index)
         sources = index[moved]
         for cache, _ in self.kv:
             cache.reorder(index, moved, sources)
         self.pad_len = None if self.pad_len is None else self.pad_len.index_select(0, index)
-        if self.memory_mask is not None or self.memory is not None:
-            sentences = index[::group] // self.group  # the sentence each new group comes from
+        per_sentence = self.memory_mask if self.memory_mask is not None else self.memory
+        if per_sentence is not None and sentences != range(per_sentence.size(0)):
+            sentences = index[::group] // self.group if sentences is None else \
+                torch.tensor(list(sentences), device=index.device)  # the sentence each new group comes from
             moved = _moved(sentences)
             sources = sentences[moved]
 
