@@ -125,9 +125,10 @@ def test_fixed_shape_steps_repeat_the_same_operations_without_host_syncs(arch):
     assert {shapes[0][0] for name, shapes in traces[0] if name == "aten.embedding.default"} == {20}  # all 5 x 4 rows
 
 
+@pytest.mark.parametrize("arch", ["encoder_decoder", "prefix_lm"])
 @torch.inference_mode()
-def test_translate_ids_with_cuda_graphs_runs_the_static_path_with_the_same_outputs():
-    model = models()["encoder_decoder"]
+def test_translate_ids_with_cuda_graphs_runs_the_static_path_with_the_same_outputs(arch):
+    model = models()[arch]
     sources = [torch.randint(4, 20, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in range(1, 12)]
     for mode, beam in (("beam", 4), ("greedy", 1)):
         options = DecodeConfig(beam=beam, batch_tokens=40)
