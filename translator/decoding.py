@@ -114,11 +114,13 @@ def _log_normaliser(logits: Tensor, top: Tensor | None = None, rows: int = 64) -
 
 
 def _best_allowed(logits: Tensor, k: int, eos: int, excluded: Tensor | None,
-                  must_end: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                  must_end: Tensor | None, ranked: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """The k best tokens of each row that are not `excluded` (see _exclusions), best first: (logits in float32,
     tokens), both (N, k), padded with (-inf, EOS) where fewer are allowed; rows in `must_end` (None: no row) offer
     EOS alone. Also each row's largest logit, allowed or not, (N, 1). One top-k over the (N, V) logits, which
-    are neither normalised nor copied: argmax and beam search need neither."""
+    are neither normalised nor copied: argmax and beam search need neither. ranked=False: the k best may come
+    among a few more columns, in no order, the others at -inf (for a caller that ranks them anyway: two
+    operations fewer)."""
     n_excluded = 0 if excluded is None else excluded.numel()
     values, tokens = _topk(logits, min(k + n_excluded, logits.size(-1)))
     values = values.float()
@@ -134,7 +136,7 @@ def _best_allowed(logits: Tensor, k: int, eos: int, excluded: Tensor | None,
         pad = k - values.size(1)
         values = torch.nn.functional.pad(values, (0, pad), value=-torch.inf)
         tokens = torch.nn.functional.pad(tokens, (0, pad), value=eos)
-    if values.size(1) > k or must_end is not None:
+    if ranked and (values.size(1) > k or must_end is not None):
         values, order = values.topk(k, dim=-1)  # the excluded ones fall behind
         tokens = tokens.gather(1, order)
     return values, tokens, top
@@ -266,11 +268,13 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
         # The best 2K candidates of a sentence lie among the best 2K of each of its beams: rank only those,
         # and normalise only those (log p = logit - log normaliser).
         must_end = _must_end(t, limits, first_limit, sentences, width, device)
-        beam_logits, beam_tokens, row_max = _best_allowed(logits, 2 * K, eos, excluded[t >= min_len], must_end)
+        beam_logits, beam_tokens, row_max = _best_allowed(logits, 2 * K, eos, excluded[t >= min_len], must_end,
+                                                          ranked=False)
         log_normaliser = _log_normaliser(logits, row_max)
-        candidates = (scores.view(-1, 1) + (beam_logits - log_normaliser)).view(n, width * 2 * K)
+        per_beam = beam_logits.size(1)
+        candidates = (scores.view(-1, 1) + (beam_logits - log_normaliser)).view(n, width * per_beam)
         top, index = candidates.topk(2 * K, dim=1)
-        beam, token = index // (2 * K), beam_tokens.view(n, width * 2 * K).gather(1, index)
+        beam, token = index // per_beam, beam_tokens.view(n, width * per_beam).gather(1, index)
         is_eos = token == eos
 
         # EOS among the best K ends a hypothesis: the search's one host sync per step, unless sentences finish.
@@ -291,7 +295,7 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
             break
 
         # Continue with the best K candidates that are not EOS (with a real vocabulary there are at least K
-        # among 2K; where there are not, an EOS fills the place, scored -inf so that it never competes).
+        # among 2K; where there are not, a candidate scored -inf fills the place, so that it never competes).
         keep = is_eos.sort(dim=1, stable=True).indices[:, :K]
         if width == K and getattr(state, "sparse_reorder", True):  # each continuation in its beam's row where it
             keep = keep.gather(1, _stay_with_parent(beam.gather(1, keep)))  # can: few cache rows move
