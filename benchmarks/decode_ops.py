@@ -66,12 +66,20 @@ def gpu_path():
         decoding._topk, decoding._log_normaliser = topk, normaliser
 
 
-def count(model, sources: list[list[int]], mode: str, batch_sentences: int, graphs: bool = False) -> dict:
+def batches(sources: list[list[int]], batch_sentences: int, batch_tokens: int | None) -> list[list[list[int]]]:
+    """Fixed-size batches, or with batch_tokens a single call, which translate_ids and run_hf batch by tokens."""
+    if batch_tokens:
+        return [sources]
+    return [sources[i:i + batch_sentences] for i in range(0, len(sources), batch_sentences)]
+
+
+def count(model, sources: list[list[int]], mode: str, batch_sentences: int, graphs: bool = False,
+          batch_tokens: int | None = None) -> dict:
     """Operations of translate_ids per step. graphs: with cuda_graphs, where each fixed-shape step counts as one
     operation (its graph's replay is one launch); the rest of GraphedStep, and its eager steps, count as they come."""
     counter, steps = CountOps(), [0]
-    options = DecodeConfig(beam=4, lenpen=1.0, lp_form="length", max_len_a=1.0, max_len_b=50, batch_tokens=10 ** 9,
-                           cuda_graphs=graphs)
+    options = DecodeConfig(beam=4, lenpen=1.0, lp_form="length", max_len_a=1.0, max_len_b=50,
+                           batch_tokens=batch_tokens or 10 ** 9, cuda_graphs=graphs)
     step_call, fixed_step, model_step = GraphedStep.__call__, GraphedStep._step, model.step
 
     def counted_step(*args):
@@ -95,8 +103,8 @@ def count(model, sources: list[list[int]], mode: str, batch_sentences: int, grap
         model.step = counted_step
     try:
         with counter:
-            for i in range(0, len(sources), batch_sentences):
-                translate_ids(model, sources[i:i + batch_sentences], options, mode="beam" if mode == "beam4" else mode)
+            for batch in batches(sources, batch_sentences, batch_tokens):
+                translate_ids(model, batch, options, mode="beam" if mode == "beam4" else mode)
     finally:
         GraphedStep.__call__, GraphedStep._step = step_call, fixed_step
         vars(model).pop("step", None)
@@ -105,15 +113,15 @@ def count(model, sources: list[list[int]], mode: str, batch_sentences: int, grap
     return {"steps": steps[0], **per_step, "ops_per_step": round(ops / steps[0], 1), "ops": ops}
 
 
-def count_hf(model, sources: list[list[int]], mode: str, batch_sentences: int) -> dict:
+def count_hf(model, sources: list[list[int]], mode: str, batch_sentences: int, batch_tokens: int | None = None) -> dict:
     """Operations of Hugging Face generate on the same weights, sentences and batches, as decode_speed.py runs it."""
     from decode_speed import run_hf
     from hf_marian import to_marian
 
     hf, counter = to_marian(model), CountOps()
     with counter, torch.inference_mode():
-        for i in range(0, len(sources), batch_sentences):
-            run_hf(hf, sources[i:i + batch_sentences], 4 if mode == "beam4" else 1, 10 ** 9, model.cfg, "cpu")
+        for batch in batches(sources, batch_sentences, batch_tokens):
+            run_hf(hf, batch, 4 if mode == "beam4" else 1, batch_tokens or 10 ** 9, model.cfg, "cpu")
     return {"ops": sum(n for (_, kind), n in counter.counts.items() if kind == "ops")}
 
 
@@ -123,24 +131,29 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--sentences", type=int, default=64, help="how many test2016 sentences")
     parser.add_argument("--batch-sentences", type=int, default=8)
+    parser.add_argument("--batch-tokens", type=int, help="batch by source tokens instead, as decode_speed.py does "
+                                                           "(its runs use 4096); saved as decode_ops_batch_tokens_N")
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
 
     model, tokenizer, recipe = load_model(args.model)
     corpus = load_corpus(recipe.data.test, recipe.data.src_lang, recipe.data.tgt_lang, args.data_dir)
     sources = tokenizer.encode(corpus.src[: args.sentences])
-    metrics: dict = {"sentences": len(sources), "batch_sentences": args.batch_sentences}
+    metrics: dict = {"sentences": len(sources), "batch_sentences": None if args.batch_tokens else args.batch_sentences,
+                     "batch_tokens": args.batch_tokens}
+    per_batch = {"batch_sentences": args.batch_sentences, "batch_tokens": args.batch_tokens}
     for mode in ("greedy", "beam4"):
-        row = metrics[mode] = {"cpu_path": count(model, sources, mode, args.batch_sentences)}
+        row = metrics[mode] = {"cpu_path": count(model, sources, mode, **per_batch)}
         with gpu_path():
-            row["gpu_path"] = count(model, sources, mode, args.batch_sentences)
-            row["gpu_path_cuda_graphs"] = count(model, sources, mode, args.batch_sentences, graphs=True)
+            row["gpu_path"] = count(model, sources, mode, **per_batch)
+            row["gpu_path_cuda_graphs"] = count(model, sources, mode, graphs=True, **per_batch)
         if not args.skip_hf:
-            row["hf_generate_ops"] = count_hf(model, sources, mode, args.batch_sentences)["ops"]
+            row["hf_generate_ops"] = count_hf(model, sources, mode, **per_batch)["ops"]
             for path in ("gpu_path", "gpu_path_cuda_graphs"):
                 row[f"hf_ops_over_{path}_ops"] = round(row["hf_generate_ops"] / row[path]["ops"], 2)
         print(mode, row, flush=True)
-    save_result("decode_ops", metrics, "cpu", model=args.model,
+    save_result(f"decode_ops_batch_tokens_{args.batch_tokens}" if args.batch_tokens else "decode_ops", metrics, "cpu",
+                model=args.model,
                 notes="ATen calls per decoding step on CPU; 'ops' reach a kernel (a launch on a GPU), 'views' do not. "
                       "gpu_path: the search's GPU code (one-stage top-k, logsumexp); cuda_graphs: a fixed-shape "
                       "step counts as one replay. hf_generate_ops: all of generate's operations on the same batches")

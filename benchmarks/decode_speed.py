@@ -39,10 +39,8 @@ def run_hf(hf, sources, beam, batch_tokens, cfg, device):
     out = [None] * len(sources)
     for batch in batches_by_length([len(s) + 1 for s in sources], batch_tokens):
         width = max(len(sources[i]) for i in batch) + 1
-        ids = torch.full((len(batch), width), cfg.pad_id, dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, :len(sources[i]) + 1] = torch.tensor(sources[i] + [cfg.eos_id])
-        ids = ids.to(device)
+        ids = torch.tensor([sources[i] + [cfg.eos_id] + [cfg.pad_id] * (width - len(sources[i]) - 1) for i in batch],
+                           dtype=torch.long, device=device)
         generated = hf.generate(input_ids=ids, attention_mask=(ids != cfg.pad_id).long(), num_beams=beam,
                                 do_sample=False, max_new_tokens=width + 50, length_penalty=1.0, early_stopping=False,
                                 suppress_tokens=[cfg.pad_id, cfg.bos_id], num_return_sequences=1)

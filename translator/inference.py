@@ -29,11 +29,9 @@ def batches_by_length(lengths: Sequence[int], batch_tokens: int, max_sentences: 
 def _encoder_decoder_batch(model: EncoderDecoder, sources: list[list[int]], options: DecodeConfig):
     """Source batch (padded, EOS-closed), its encoder state, a BOS column to start from, and output limits."""
     cfg, device = model.cfg, next(model.parameters()).device
-    src = torch.full((len(sources), max(len(s) for s in sources) + 1), cfg.pad_id, dtype=torch.long)
-    for row, s in enumerate(sources):
-        src[row, :len(s)] = torch.tensor(s, dtype=torch.long)
-        src[row, len(s)] = cfg.eos_id
-    src = src.to(device)
+    width = max(len(s) for s in sources) + 1
+    src = torch.tensor([[*s, cfg.eos_id] + [cfg.pad_id] * (width - len(s) - 1) for s in sources], dtype=torch.long,
+                       device=device)  # built on the host in one piece: a row at a time was two operations per row
     # BOS plus the generated tokens must fit max_positions (EOS is never fed).
     limit = max_lengths((src != cfg.pad_id).sum(1), options.max_len_a, options.max_len_b, cap=cfg.max_positions - 1)
     prefix = torch.full((len(sources), 1), cfg.bos_id, dtype=torch.long, device=device)
@@ -44,10 +42,8 @@ def _decoder_only_batch(model: DecoderOnly, sources: list[list[int]], options: D
     """Prompts BOS source EOS, left-padded so that every row continues at the same step."""
     cfg, device = model.cfg, next(model.parameters()).device
     width = max(len(s) for s in sources) + 2
-    prompt = torch.full((len(sources), width), cfg.pad_id, dtype=torch.long)
-    for row, s in enumerate(sources):
-        prompt[row, width - len(s) - 2:] = torch.tensor([cfg.bos_id, *s, cfg.eos_id], dtype=torch.long)
-    prompt = prompt.to(device)
+    prompt = torch.tensor([[cfg.pad_id] * (width - len(s) - 2) + [cfg.bos_id, *s, cfg.eos_id] for s in sources],
+                          dtype=torch.long, device=device)
     lengths = torch.tensor([len(s) + 1 for s in sources], device=device)
     limit = max_lengths(lengths, options.max_len_a, options.max_len_b, cap=cfg.max_positions - width)
     return model.start(prompt), prompt, limit
@@ -135,10 +131,8 @@ def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_t
     results: list[list[int]] = [[] for _ in prompts]
     for batch in batches_by_length([len(p) + 1 for p in prompts], batch_tokens):
         width = max(len(prompts[i]) for i in batch) + 1
-        tokens = torch.full((len(batch), width), cfg.pad_id, dtype=torch.long)
-        for row, i in enumerate(batch):
-            tokens[row, width - len(prompts[i]) - 1:] = torch.tensor([cfg.eos_id, *prompts[i]], dtype=torch.long)
-        tokens = tokens.to(device)
+        tokens = torch.tensor([[cfg.pad_id] * (width - len(prompts[i]) - 1) + [cfg.eos_id, *prompts[i]] for i in batch],
+                              dtype=torch.long, device=device)
         limit = min(max_new_tokens, cfg.max_positions - width)
         banned = (cfg.pad_id, cfg.bos_id)
         if mode == "greedy":
