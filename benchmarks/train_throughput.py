@@ -157,18 +157,24 @@ def main() -> None:
         seconds = measure(lambda b: model(b["src"], b["tgt_in"]), model.parameters(), batches)
         row = {"parameters": count_parameters(model), "tokens_per_second": round(tokens / seconds, 1),
                "tflops_per_second": round(flops / seconds / 1e12, 3), "mfu": round(flops / seconds / peak, 4)}
+        compiled_seconds = None
         if args.compile:  # dynamic shapes, as training compiles: one graph for all batch shapes
             compiled = torch.compile(model, dynamic=True)
-            start = time.perf_counter()
-            time_training(lambda b: compiled(b["src"], b["tgt_in"]), model.parameters(), batches[:args.warmup], device, dtype)
-            row["compile_warmup_seconds"] = round(time.perf_counter() - start, 1)
-            step_times = time_training(lambda b: compiled(b["src"], b["tgt_in"]), model.parameters(), batches, device,
-                                       dtype)[args.warmup:]
-            compiled_seconds = sum(step_times)
-            row.update(compiled_tokens_per_second=round(tokens / compiled_seconds, 1),
-                       compiled_mfu=round(flops / compiled_seconds / peak, 4),
-                       compiled_step_ms_median=round(1000 * sorted(step_times)[len(step_times) // 2], 1),
-                       compiled_step_ms_max=round(1000 * max(step_times), 1))
+            try:
+                start = time.perf_counter()
+                time_training(lambda b: compiled(b["src"], b["tgt_in"]), model.parameters(), batches[:args.warmup],
+                              device, dtype)
+                row["compile_warmup_seconds"] = round(time.perf_counter() - start, 1)
+                step_times = time_training(lambda b: compiled(b["src"], b["tgt_in"]), model.parameters(), batches,
+                                           device, dtype)[args.warmup:]
+                compiled_seconds = sum(step_times)
+                row.update(compiled_tokens_per_second=round(tokens / compiled_seconds, 1),
+                           compiled_mfu=round(flops / compiled_seconds / peak, 4),
+                           compiled_step_ms_median=round(1000 * sorted(step_times)[len(step_times) // 2], 1),
+                           compiled_step_ms_max=round(1000 * max(step_times), 1))
+            except Exception as error:  # an experiment (e.g. an --inductor setting) failing must not cost the run
+                print(f"{name} compiled: failed: {error}", flush=True)
+                row["compile_error"] = f"{type(error).__name__}: {error}"[:500]
             del compiled
             torch._dynamo.reset()
         del model
@@ -182,7 +188,7 @@ def main() -> None:
             hf_seconds = measure(forward, hf.parameters(), batches)
             row["hf_tokens_per_second"] = round(tokens / hf_seconds, 1)
             row["speedup_vs_hf"] = round(hf_seconds / seconds, 3)
-            if args.compile:
+            if compiled_seconds:
                 row["compiled_speedup_vs_hf"] = round(hf_seconds / compiled_seconds, 3)
             del hf
         metrics[name] = row
@@ -191,7 +197,7 @@ def main() -> None:
     metrics.update(mfu=first["mfu"], tokens_per_second=first["tokens_per_second"],
                    speedup_vs_hf=first.get("speedup_vs_hf"), headline_model=args.models[-1])
     if args.compile:
-        metrics.update(compiled_mfu=first["compiled_mfu"], compiled_tokens_per_second=first["compiled_tokens_per_second"],
+        metrics.update(compiled_mfu=first.get("compiled_mfu"), compiled_tokens_per_second=first.get("compiled_tokens_per_second"),
                        compiled_speedup_vs_hf=first.get("compiled_speedup_vs_hf"))
     save_result(f"train_throughput_{device}", metrics, device, extra_versions=("transformers",))
 
