@@ -153,7 +153,7 @@ def _decode_options(recipe, args):
     if options.beam < 1 or options.batch_tokens < 1:
         raise ValueError("--beam and --batch-tokens must be positive")
     if options.cuda_graphs and _device(args.device) != "cuda":
-        log.warning("cuda_graphs: no CUDA device here, so the fixed-shape decoding steps run uncaptured (slower on CPU)")
+        log.warning("cuda_graphs: no CUDA device here, so the fixed-shape decoding steps run uncaptured (slower)")
     return options
 
 

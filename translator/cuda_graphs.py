@@ -47,8 +47,8 @@ class StaticDecodeState(DecodeState):
     """A DecodeState of fixed shapes: room for `rows` rows (sentences x beams) and `positions` positions from the
     start, the next position on the device, and every layer's keys and values in one tensor, so that reordering
     them is two operations whatever the number of layers, with no host sync (DecodeState finds the rows that
-    move, a sync, and copies only those, layer by layer). Steps after the first run on all `rows` rows, those of finished sentences
-    included (see fixed_shape)."""
+    move, a sync, and copies only those, layer by layer). Steps after the first run on all `rows` rows, those of
+    finished sentences included (see fixed_shape)."""
 
     sparse_reorder = False
 
@@ -117,7 +117,7 @@ class StaticDecodeState(DecodeState):
         """(N or 1, 1, T, positions): the written positions up to each query's own (all of a bidirectional
         prompt), none of the left padding."""
         query = self._written(new)
-        mask = (self.keys <= query[-1:, None]) if bidirectional else (self.keys <= query[:, None])  # (T or 1, positions)
+        mask = self.keys <= (query[-1:, None] if bidirectional else query[:, None])  # (T or 1, positions)
         mask = mask[None, None]
         if self.pad_len is not None:
             mask = mask & (self.keys >= self.pad_len[:new.size(0), None])[:, None, None, :]
