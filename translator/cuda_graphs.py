@@ -38,10 +38,6 @@ class StaticKVCache:
         room.index_copy_(3, where, kv)
         return room[:, 0], room[:, 1]
 
-    def truncate(self, length: int) -> None:
-        raise NotImplementedError("a fixed-shape decoding state cannot forget positions (speculative decoding "
-                                  "uses DecodeState)")
-
 
 class StaticDecodeState(DecodeState):
     """A DecodeState of fixed shapes: room for `rows` rows (sentences x beams) and `positions` positions from the
@@ -104,31 +100,21 @@ class StaticDecodeState(DecodeState):
             self.sentences = sentences.numel()
         self.group = group
 
-    def _written(self, new: Tensor) -> Tensor:  # where the new tokens go: (T,)
+    _reads_unwritten = True
+
+    def _written(self, new: Tensor) -> Tensor:
         return self.position if new.size(1) == 1 else self.position + torch.arange(new.size(1), device=new.device)
 
-    def positions(self, new: Tensor) -> Tensor:
-        positions = self._written(new)
-        if self.pad_len is None:
-            return positions
-        return (positions[None, :] - self.pad_len[:new.size(0), None]).clamp(min=0)
-
-    def attention_mask(self, new: Tensor, bidirectional: bool = False) -> Tensor:
-        """(N or 1, 1, T, positions): the written positions up to each query's own (all of a bidirectional
-        prompt), none of the left padding."""
-        query = self._written(new)
-        mask = self.keys <= (query[-1:, None] if bidirectional else query[:, None])  # (T or 1, positions)
-        mask = mask[None, None]
-        if self.pad_len is not None:
-            mask = mask & (self.keys >= self.pad_len[:new.size(0), None])[:, None, None, :]
-        return mask
+    def _keys(self, new: Tensor) -> Tensor:
+        return self.keys
 
     def advance(self, n_new: int) -> None:
         self.length += n_new
         self.position.add_(n_new)
 
     def truncate(self, length: int) -> None:
-        raise NotImplementedError("a fixed-shape decoding state cannot forget positions")
+        raise NotImplementedError("a fixed-shape decoding state cannot forget positions (speculative decoding "
+                                  "uses DecodeState)")
 
 
 class GraphedStep:

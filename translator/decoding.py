@@ -4,9 +4,10 @@ A step function `step(tokens, state) -> logits` receives every token so far, (N,
 logits of the next one, (N, V). `state` is the caller-owned cache: it must offer `reorder(index, group,
 sentences)`, after which row i holds what row index[i] held and each `group` consecutive rows belong to one
 sentence (its beams); `sentences` says, from the host, which old sentence each new group comes from (a `range`
-when none moved), so that the state need not work it out on the device. Both models' `.step` and `.start(...)` fit this; so does a scripted test double. A state whose
-reorders cost the same whatever rows move says so with `sparse_reorder = False` (beam search then skips keeping
-continuations in their parents' rows). Each function drops sentences from the batch once they are finished.
+when none moved), so that the state need not work it out on the device. Both models' `.step` and `.start(...)`
+fit this; so does a scripted test double. A state whose reorders cost the same whatever rows move says so with
+`sparse_reorder = False` (beam search then skips keeping continuations in their parents' rows). Each function
+drops sentences from the batch once they are finished.
 
 Lengths: at most `max_len` tokens are generated before EOS (per sentence, a*src_len + b in the paper),
 then EOS is forced. Returned token lists hold neither the prefix nor EOS.

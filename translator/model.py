@@ -326,26 +326,33 @@ class DecodeState:
             cache.truncate(length)
         self.length = length
 
+    def _written(self, new: Tensor) -> Tensor:
+        """Where the new tokens (N, T) go in the cache: (T,)."""
+        return torch.arange(self.length, self.length + new.size(1), device=new.device)
+
+    def _keys(self, new: Tensor) -> Tensor:
+        """The cache positions that attention reads once the new tokens are in: (S,)."""
+        return torch.arange(self.length + new.size(1), device=new.device)
+
+    _reads_unwritten = False  # whether attention reads positions not written yet (which the mask must hide)
+
     def positions(self, new: Tensor) -> Tensor:
         """Positions of the new tokens (N, T) after those the state holds: (T,), or (N, T) after left padding."""
-        positions = torch.arange(self.length, self.length + new.size(1), device=new.device)
+        positions = self._written(new)
         if self.pad_len is None:
             return positions
-        return (positions[None, :] - self.pad_len[:, None]).clamp(min=0)
+        return (positions[None, :] - self.pad_len[:new.size(0), None]).clamp(min=0)
 
     def attention_mask(self, new: Tensor, bidirectional: bool = False) -> Tensor | None:
-        """Self-attention mask for the new tokens (N, T) over every position so far: causal (or, for a prefix
-        LM's prompt, bidirectional), and blind to left padding. None where nothing needs hiding."""
-        n_new, device = new.size(1), new.device
-        total = self.length + n_new
-        if (n_new == 1 or bidirectional) and self.pad_len is None:
+        """Self-attention mask for the new tokens (N, T) over the cache, (N or 1, 1, T or 1, S): the written
+        positions up to each query's own (a prefix LM's prompt, bidirectional: all of itself), none of the left
+        padding. None where nothing needs hiding."""
+        if (new.size(1) == 1 or bidirectional) and self.pad_len is None and not self._reads_unwritten:
             return None  # one new position may see every cached one; a bidirectional prompt sees all of itself
-        key = torch.arange(total, device=device)
-        query = torch.arange(self.length, total, device=device)
-        mask = torch.ones(1, 1, n_new, total, dtype=torch.bool, device=device) if bidirectional else \
-            (key[None, :] <= query[:, None])[None, None]  # (1, 1, n_new, total)
+        key, query = self._keys(new), self._written(new)
+        mask = (key <= (query[-1:, None] if bidirectional else query[:, None]))[None, None]
         if self.pad_len is not None:
-            mask = mask & (key[None, :] >= self.pad_len[:, None])[:, None, None, :]
+            mask = mask & (key >= self.pad_len[:new.size(0), None])[:, None, None, :]
         return mask
 
     def advance(self, n_new: int) -> None:
