@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -74,12 +75,18 @@ def test_nbest_and_sampling(toy_model_dir, tmp_path, capsys):
     assert samples[0] == samples[1] and len(samples[0].splitlines()) == 2
 
 
-def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys):
+def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys, monkeypatch):
+    import translator.cli
+
+    translated = []  # a bad byte on line 2 is found before line 1 (its own chunk) is translated
+    monkeypatch.setattr(translator.cli, "translate_lines", lambda model, tokenizer, lines, *a: translated.append(lines))
     run_dir, _ = toy_model_dir
     bad = tmp_path / "bad.en"
     bad.write_bytes(b"the dog\nthe \xfe cat\n")
-    code, _, err = run(["translate", "--model", run_dir, "-i", bad, "-o", tmp_path / "never.de"], capsys)
-    assert code == 1 and "bad.en:2: not valid UTF-8 (byte 0xfe at column 5)" in err and "Traceback" not in err
+    code, _, err = run(["translate", "--model", run_dir, "-i", bad, "-o", tmp_path / "never.de", "--chunk-lines", 1],
+                       capsys)
+    assert code == 1 and "bad.en:2: not valid UTF-8 (byte 0xfe at column 5); nothing was translated" in err
+    assert "Traceback" not in err and translated == []
     assert not (tmp_path / "never.de").exists()  # no half-written output
     code, _, err = run(["translate", "--model", tmp_path / "nowhere"], capsys)
     assert code == 1 and err.strip() == f"translator: error: {tmp_path / 'nowhere'}: no such run directory or checkpoint"
@@ -139,6 +146,20 @@ def test_average_writes_the_mean_of_the_last_checkpoints(toy_model_dir, tmp_path
     source.write_text("the dog runs\n")
     code, out, _ = run(["translate", "--model", tmp_path / "avg", "-i", source], capsys)
     assert code == 0 and out.strip()
+    assert json.loads((tmp_path / "avg" / "model.json").read_text())["averaged"] == [p.name for p in ckpts]
+
+
+def test_average_into_a_runs_weights_updates_what_model_json_says(toy_model_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(toy_model_dir[0], run_dir)
+    ckpts = sorted((run_dir / "checkpoints").glob("step*.ckpt"))
+    code, _, _ = run(["average", "--model", run_dir, "--last", 3, "-o", run_dir / "model.safetensors"], capsys)
+    assert code == 0
+    assert json.loads((run_dir / "model.json").read_text())["averaged"] == [p.name for p in ckpts[-3:]]
+    for last in (0, -2):  # not "all of them" or "all but the first two", as a slice would take it
+        code, _, err = run(["average", "--model", run_dir, "--last", last, "-o", tmp_path / "x.safetensors"], capsys)
+        assert code == 1 and f"--last must be at least 1 (got {last})" in err
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_overrides_only_for_train(capsys):

@@ -39,3 +39,29 @@ def test_ctranslate2_greedy_equals_ours(toy_model_dir, tmp_path):
     # And as text: what a deployment on CTranslate2 would print.
     assert tokenizer.decode(theirs) == tokenizer.decode(ours)
 
+
+
+def test_export_never_replaces_what_is_not_an_export(toy_model_dir, tmp_path, capsys):
+    run, _ = toy_model_dir
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert cli(["export", "--model", str(run), "--format", "ctranslate2", "-o", str(run)]) == 1
+    assert "run: exists and is not a CTranslate2 export (checkpoints, config.yaml" in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # the run directory is untouched
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "important.txt").write_text("keep me")
+    assert cli(["export", "--model", str(run), "--format", "ctranslate2", "-o", str(other)]) == 1
+    assert "notes: exists and is not a CTranslate2 export (important.txt)" in capsys.readouterr().err
+    assert (other / "important.txt").read_text() == "keep me" and len(list(other.iterdir())) == 1
+
+
+def test_export_replaces_an_earlier_export(toy_model_dir, tmp_path):
+    run, _ = toy_model_dir
+    out = tmp_path / "ct2"
+    assert cli(["export", "--model", str(run), "--format", "ctranslate2", "-o", str(out)]) == 0
+    float32 = (out / "model.bin").stat().st_size
+    assert cli(["export", "--model", str(run), "--format", "ctranslate2", "-o", str(out), "--quantization",
+                "int8"]) == 0
+    assert (out / "model.bin").stat().st_size < float32 / 2 and (out / "spm.model").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]  # no staging or old copies left beside it

@@ -197,6 +197,11 @@ def export_weights(run_dir: str | os.PathLike, average_last: int) -> dict[str, A
     if not chosen:
         raise CheckpointError(f"{run_dir}: no checkpoints to export")
     save_weights(average_weights(chosen), run_dir / WEIGHTS)
-    info = {"weights": WEIGHTS, "averaged": [p.name for p in chosen]}
-    write_atomic(run_dir / WEIGHTS_INFO, json.dumps(info, indent=2).encode())
+    return write_weights_info(run_dir, chosen)
+
+
+def write_weights_info(directory: Path, averaged: list[Path]) -> dict[str, Any]:
+    """model.json beside a model.safetensors: which checkpoints its weights are the mean of."""
+    info = {"weights": WEIGHTS, "averaged": [p.name for p in averaged]}
+    write_atomic(directory / WEIGHTS_INFO, json.dumps(info, indent=2).encode())
     return info

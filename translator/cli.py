@@ -61,16 +61,25 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _read_input(path: str | None) -> Iterator[str]:
     """Lines of a UTF-8 file or stdin, split on '\\n' only (never on the other characters Python's splitlines
-    treats as breaks), with a clear error naming the line on bad bytes."""
-    stream = open(path, "rb") if path and path != "-" else sys.stdin.buffer
-    name = path if path and path != "-" else "<stdin>"
+    treats as breaks), with a clear error naming the line on bad bytes. A file is checked whole before its
+    first line is given out, so a bad byte near its end does not throw away hours of translating."""
+    if path and path != "-":
+        for _ in _decoded_lines(path, "; nothing was translated"):
+            pass
+        yield from _decoded_lines(path, "")
+    else:
+        yield from _decoded_lines(None, "; stopped at this line")
+
+
+def _decoded_lines(path: str | None, consequence: str) -> Iterator[str]:
+    stream = open(path, "rb") if path else sys.stdin.buffer
     try:
         for number, raw in enumerate(stream, 1):
             try:
                 yield raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{name}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                 f"{e.start + 1}); nothing was written for this line or after it") from None
+                raise ValueError(f"{path or '<stdin>'}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                                 f"column {e.start + 1}){consequence}") from None
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
@@ -320,8 +329,11 @@ def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
     import shutil
 
-    from .checkpoint import CONFIG, TOKENIZER, WEIGHTS, average_weights, periodic_checkpoints, save_weights
+    from .checkpoint import (CONFIG, TOKENIZER, WEIGHTS, average_weights, periodic_checkpoints, save_weights,
+                             write_weights_info)
 
+    if args.last < 1:
+        raise ValueError(f"--last must be at least 1 (got {args.last})")
     run_dir = Path(args.model)
     chosen = [Path(p) for p in args.checkpoints] if args.checkpoints else periodic_checkpoints(run_dir)[-args.last:]
     if not chosen:
@@ -330,14 +342,15 @@ def cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
         log.warning("translator: warning: only %d checkpoint(s) kept in %s; averaging those", len(chosen), run_dir)
     out = Path(args.output)
     weights = average_weights(chosen)
-    if out.suffix == ".safetensors":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(weights, out, {"averaged": ",".join(p.name for p in chosen)})
-    else:  # a self-contained model directory: config, tokenizer and weights
+    if out.suffix != ".safetensors":  # a self-contained model directory: config, tokenizer and weights
         out.mkdir(parents=True, exist_ok=True)
         for name in (CONFIG, TOKENIZER):
             shutil.copyfile(run_dir / name, out / name)
-        save_weights(weights, out / WEIGHTS, {"averaged": ",".join(p.name for p in chosen)})
+        out = out / WEIGHTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(weights, out, {"averaged": ",".join(p.name for p in chosen)})
+    if out.name == WEIGHTS:  # the weights a model directory loads: its model.json must say what they now are
+        write_weights_info(out.parent, chosen)
     print(f"averaged {len(chosen)} checkpoint(s) ({', '.join(p.name for p in chosen)}) into {out}")
     return 0
 
@@ -434,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "(ctranslate2.Translator; tokenize with the spm.model written beside it).")
     p.add_argument("--model", required=True, help="run directory, or a .safetensors/.ckpt file inside one")
     p.add_argument("--format", choices=["ctranslate2"], default="ctranslate2")
-    p.add_argument("-o", "--output", required=True, help="output directory (replaced if it exists)")
+    p.add_argument("-o", "--output", required=True, help="output directory; an earlier export there is replaced "
+                                                         "once the new one is complete, any other existing path refused")
     p.add_argument("--quantization", choices=["float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16"],
                    help="weight type in the exported model (default: as trained, float32)")
     p.set_defaults(func=cmd_export)

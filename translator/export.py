@@ -7,6 +7,7 @@ sinusoidal table is passed explicitly (the runtime's own would interleave sin/co
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -46,11 +47,32 @@ def _block(spec, block, d_model: int) -> None:
     _layer_norm(spec.ffn.layer_norm, block.ff_norm)
 
 
+# What a CTranslate2 model directory of ours holds; any other file means the directory is something else.
+_EXPORT_FILES = {"model.bin", "config.json", "shared_vocabulary.json", "source_vocabulary.json",
+                 "target_vocabulary.json", "vocabulary.json", TOKENIZER}
+
+
+def _check_replaceable(output_dir: Path) -> None:
+    """An existing output is replaced only when it is an earlier export: never a run directory or other files."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise ValueError(f"{output_dir}: exists and is not a directory; choose another output path")
+    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in _EXPORT_FILES)
+    if foreign or not (output_dir / "model.bin").is_file():
+        held = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "") if foreign else "no model.bin"
+        raise ValueError(f"{output_dir}: exists and is not a CTranslate2 export ({held}); nothing was written. "
+                         "Choose a new output path, or remove it first")
+
+
 def to_ctranslate2(model_path: str | Path, output_dir: str | Path, quantization: str | None = None) -> Path:
-    """Write a CTranslate2 model directory (with the sentencepiece model beside it) for a run directory."""
+    """Write a CTranslate2 model directory (with the sentencepiece model beside it) for a run directory.
+    An existing output is replaced only if it is an earlier export, and only once the new one is complete."""
     import ctranslate2
     from ctranslate2.specs import common_spec, transformer_spec
 
+    output_dir = Path(output_dir)
+    _check_replaceable(output_dir)
     model, tokenizer, _ = load_model(model_path)
     cfg = model.cfg
     if cfg.arch != "encoder_decoder":
@@ -80,7 +102,18 @@ def to_ctranslate2(model_path: str | Path, output_dir: str | Path, quantization:
         def _load(self):
             return spec
 
-    output_dir = Path(output_dir)
-    _Converter().convert(str(output_dir), quantization=quantization, force=True)
-    shutil.copyfile(tokenizer.path, output_dir / TOKENIZER)
+    staging = output_dir.with_name(f".{output_dir.name}.tmp{os.getpid()}")
+    try:
+        _Converter().convert(str(staging), quantization=quantization, force=True)
+        shutil.copyfile(tokenizer.path, staging / TOKENIZER)
+        _check_replaceable(output_dir)  # again: something may have appeared there while converting
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old{os.getpid()}")
+            os.replace(output_dir, old)
+            os.replace(staging, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
