@@ -89,7 +89,12 @@ def test_a_killed_run_resumes_exactly(toy_run, tmp_path):
     subprocess.run(train_args(recipe, data_dir, straight), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(train_args(recipe, data_dir, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # First a process stopped before any periodic checkpoint (as by --max-minutes): its last.ckpt is then
+    # a file the periodic saves of the resumed process must keep replacing (not write last-v1.ckpt beside).
+    subprocess.run(train_args(recipe, data_dir, killed, "--max-steps", "3"), check=True, capture_output=True,
+                   timeout=300)
+    process = subprocess.Popen(train_args(recipe, data_dir, killed, "--resume"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "step0000015.ckpt").exists():  # mid-epoch: an epoch is ~12 batches
         assert time.time() < deadline and process.poll() is None, "the run ended before it could be killed"
@@ -107,9 +112,10 @@ def test_a_killed_run_resumes_exactly(toy_run, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     # The loss trajectory after the resume (logged by the resumed process; a killed process loses its unflushed
     # log rows) matches the uninterrupted run's, step for step.
-    expected, resumed = logged_losses(straight), logged_losses(killed, version="1")
+    expected, resumed = logged_losses(straight), logged_losses(killed, version="2")
     assert len(expected) == 12 and sorted(resumed) == [s for s in sorted(expected) if s > stopped_at]
     assert all(abs(expected[s] - resumed[s]) < 1e-5 for s in resumed)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir() if not p.name.startswith("step")) == ["last.ckpt"]
 
 
 # -- Crash-safe, safe-to-load checkpoints -------------------------------------------------------------------

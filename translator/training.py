@@ -234,14 +234,20 @@ class LogLines(Callback):
                      float(m["val/ppl"]), bleu)
 
 
-class ExportOnTrainEnd(Callback):
-    """At the end of training: save last.ckpt (also when stopped by max_steps or max_minutes mid-interval)."""
+class PeriodicCheckpoints(ModelCheckpoint):
+    """step{N}.ckpt every `every` steps, the newest `keep` kept, last.ckpt a link to the newest; at the end of
+    training last.ckpt saved as it is then (also when stopped mid-interval by max_steps or max_minutes).
+    last.ckpt is never versioned (Lightning would write last-v1.ckpt beside a last.ckpt it did not write
+    itself, and after a resume link that instead, leaving last.ckpt behind for the next resume)."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, directory: Path, every: int, keep: int):
+        super().__init__(dirpath=directory, filename="step{step:07d}", auto_insert_metric_name=False,
+                         every_n_train_steps=every, save_top_k=keep, monitor="step", mode="max", save_last="link",
+                         enable_version_counter=False)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.run_dir / CHECKPOINTS / "last.ckpt", weights_only=False)
+        self.last_model_path = str(Path(self.dirpath) / "last.ckpt")
+        trainer.save_checkpoint(self.last_model_path, weights_only=False)
 
 
 def _quiet_lightning() -> None:
@@ -359,12 +365,7 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
 
     bleu = references and t.val_bleu != "none"
     monitor = ("val/bleu", "max") if bleu else ("val/loss", "min")
-    callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=t.save_every, save_top_k=t.keep_last, monitor="step", mode="max",
-                        save_last="link"),  # last.ckpt follows every save, so a killed run can resume
-        ExportOnTrainEnd(run_dir),
-    ]
+    callbacks: list[Callback] = [PeriodicCheckpoints(run_dir / CHECKPOINTS, t.save_every, t.keep_last)]
     if not progress_bar:
         callbacks.append(LogLines(t.log_every))
     if make_valid is not None:
