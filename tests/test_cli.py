@@ -90,6 +90,9 @@ def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys, monkeypa
     assert not (tmp_path / "never.de").exists()  # no half-written output
     code, _, err = run(["translate", "--model", tmp_path / "nowhere"], capsys)
     assert code == 1 and err.strip() == f"translator: error: {tmp_path / 'nowhere'}: no such run directory or checkpoint"
+    code, _, err = run(["translate", "--model", run_dir / "config.yaml", "-i", bad], capsys)
+    assert code == 1 and err.strip() == (f"translator: error: {run_dir / 'config.yaml'}: not a model; pass a run "
+                                         "directory, or a .safetensors or .ckpt file in one")
 
 
 def test_score_matches_the_sacrebleu_command(tmp_path, capsys):

@@ -167,6 +167,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / CHECKPOINTS / "last.ckpt"
         if not weights.is_file():
             raise CheckpointError(f"{path}: holds no {WEIGHTS} and no {CHECKPOINTS}/last.ckpt")
+    elif path.suffix not in (".safetensors", ".ckpt"):
+        raise CheckpointError(f"{path}: not a model; pass a run directory, or a .safetensors or .ckpt file in one")
     else:
         weights = path
         run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
