@@ -94,6 +94,17 @@ def test_resume_continues_to_the_same_weights(toy_run, tmp_path):
         fit(load_recipe(recipe_path), tmp_path / "b", data_dir=str(data_dir), max_steps=60, progress_bar=False)
 
 
+def test_a_new_run_never_writes_over_files_it_did_not_write(toy_run, tmp_path):
+    data_dir, recipe_path = toy_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("# my own notes\n")
+    (out / "results.txt").write_text("keep")
+    with pytest.raises(Exception, match=r"out: holds files a run did not write \(config.yaml, results.txt\)"):
+        fit(load_recipe(recipe_path), out, data_dir=str(data_dir), max_steps=2, progress_bar=False)
+    assert (out / "config.yaml").read_text() == "# my own notes\n" and len(list(out.iterdir())) == 2
+
+
 def test_same_seed_same_run_bit_for_bit(toy_run, tmp_path):
     """Determinism on CPU: the same recipe and seed give identical weights, losses and BLEU; another seed does not."""
     data_dir, recipe_path = toy_run

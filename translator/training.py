@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from .checkpoint import (CHECKPOINTS, TOKENIZER, AtomicCheckpointIO, CheckpointError, check_readable, export_weights,
+from .checkpoint import (CHECKPOINTS, CONFIG, TOKENIZER, AtomicCheckpointIO, CheckpointError, check_readable, export_weights,
                          read_recipe, write_recipe)
 from .config import Recipe
 from .data import (BlockBatches, Corpus, ResumableBatches, TokenBatches, Tokenizer, encode_corpus, load_corpus,
@@ -262,6 +262,23 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 
 
+def _check_new_run_dir(run_dir: Path) -> None:
+    """A new run goes into a new or empty directory, or one left by a start that wrote no checkpoint yet:
+    never over another run, nor over files it did not write (a recipe of the same name, say)."""
+    if not run_dir.exists():
+        return
+    if any(run_dir.glob(f"{CHECKPOINTS}/*.ckpt")):
+        raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    ours = {CONFIG, TOKENIZER, CHECKPOINTS, "logs", "tensorboard"}
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in ours)
+    config = run_dir / CONFIG
+    if config.is_file() and "format_version:" not in config.read_text(encoding="utf-8", errors="replace"):
+        foreign.insert(0, CONFIG)  # not a recipe as a run writes it: the user's own file
+    if foreign:
+        raise CheckpointError(f"{run_dir}: holds files a run did not write ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}); train into a new or empty --out directory")
+
+
 def _rank() -> int:
     """This process's global rank as set by a launcher (Lightning's, torchrun, SLURM), before Lightning runs."""
     for var in ("RANK", "SLURM_PROCID"):
@@ -353,8 +370,8 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
         raise CheckpointError(f"{run_dir}: nothing to resume (no {CHECKPOINTS}/last.ckpt)")
     if resume:
         check_readable(last)
-    if not resume and _rank() == 0 and (last.is_file() or any(run_dir.glob(f"{CHECKPOINTS}/*.ckpt"))):
-        raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    if not resume and _rank() == 0:
+        _check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(t.seed, workers=True, verbose=False)
     recipe, tokenizer, train, valid = prepare_run(recipe, run_dir, data_dir, resume)
