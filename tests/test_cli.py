@@ -163,6 +163,19 @@ def test_average_into_a_runs_weights_updates_what_model_json_says(toy_model_dir,
         code, _, err = run(["average", "--model", run_dir, "--last", last, "-o", tmp_path / "x.safetensors"], capsys)
         assert code == 1 and f"--last must be at least 1 (got {last})" in err
     assert not (tmp_path / "x.safetensors").exists()
+    # The run directory itself as the output: its own model.safetensors.
+    code, out, _ = run(["average", "--model", run_dir, "--last", 2, "-o", run_dir], capsys)
+    assert code == 0 and out.strip().endswith(f"into {run_dir / 'model.safetensors'}")
+    assert json.loads((run_dir / "model.json").read_text())["averaged"] == [p.name for p in ckpts[-2:]]
+
+
+def test_average_never_writes_into_another_run(toy_model_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(toy_model_dir[0], other)
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    code, _, err = run(["average", "--model", toy_model_dir[0], "--last", 2, "-o", other], capsys)
+    assert code == 1 and "other: exists and is not a model directory written by average (checkpoints, " in err
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
 
 
 def test_overrides_only_for_train(capsys):

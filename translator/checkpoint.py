@@ -37,6 +37,20 @@ class CheckpointError(ValueError):
 
 # -- Writing -----------------------------------------------------------------------------------------------------
 
+def check_replaceable(directory: Path, holds: set[str], kind: str) -> None:
+    """An existing output directory is written into only if it holds nothing but what `kind` holds: never
+    over a run directory or the user's other files."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: exists and is not a directory; choose another output path")
+    foreign = sorted(p.name for p in directory.iterdir() if p.name not in holds)
+    if foreign:
+        held = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise CheckpointError(f"{directory}: exists and is not {kind} ({held}); nothing was written. Choose a new "
+                              "output path, or remove it first")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary file, synced, then renamed over the target: a crash
     mid-write leaves the previous checkpoint intact. Loading never unpickles arbitrary objects."""

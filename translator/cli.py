@@ -329,8 +329,8 @@ def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
     import shutil
 
-    from .checkpoint import (CONFIG, TOKENIZER, WEIGHTS, average_weights, periodic_checkpoints, save_weights,
-                             write_weights_info)
+    from .checkpoint import (CONFIG, TOKENIZER, WEIGHTS, WEIGHTS_INFO, average_weights, check_replaceable,
+                             periodic_checkpoints, save_weights, write_weights_info)
 
     if args.last < 1:
         raise ValueError(f"--last must be at least 1 (got {args.last})")
@@ -341,17 +341,20 @@ def cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.checkpoints and len(chosen) < args.last:
         log.warning("translator: warning: only %d checkpoint(s) kept in %s; averaging those", len(chosen), run_dir)
     out = Path(args.output)
+    new_model_dir = out.suffix != ".safetensors" and not (out.exists() and out.resolve() == run_dir.resolve())
+    if new_model_dir:  # a self-contained model directory: config, tokenizer and weights
+        check_replaceable(out, {CONFIG, TOKENIZER, WEIGHTS, WEIGHTS_INFO}, "a model directory written by average")
+    weights_file = out if out.suffix == ".safetensors" else out / WEIGHTS
     weights = average_weights(chosen)
-    if out.suffix != ".safetensors":  # a self-contained model directory: config, tokenizer and weights
+    if new_model_dir:
         out.mkdir(parents=True, exist_ok=True)
         for name in (CONFIG, TOKENIZER):
             shutil.copyfile(run_dir / name, out / name)
-        out = out / WEIGHTS
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(weights, out, {"averaged": ",".join(p.name for p in chosen)})
-    if out.name == WEIGHTS:  # the weights a model directory loads: its model.json must say what they now are
-        write_weights_info(out.parent, chosen)
-    print(f"averaged {len(chosen)} checkpoint(s) ({', '.join(p.name for p in chosen)}) into {out}")
+    weights_file.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(weights, weights_file, {"averaged": ",".join(p.name for p in chosen)})
+    if weights_file.name == WEIGHTS:  # the weights a model directory loads: its model.json must say what they are
+        write_weights_info(weights_file.parent, chosen)
+    print(f"averaged {len(chosen)} checkpoint(s) ({', '.join(p.name for p in chosen)}) into {weights_file}")
     return 0
 
 

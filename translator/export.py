@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import TOKENIZER, load_model
+from .checkpoint import TOKENIZER, check_replaceable, load_model
 
 
 def _linear(spec, weight, bias=None) -> None:
@@ -47,22 +47,9 @@ def _block(spec, block, d_model: int) -> None:
     _layer_norm(spec.ffn.layer_norm, block.ff_norm)
 
 
-# What a CTranslate2 model directory of ours holds; any other file means the directory is something else.
+# What a CTranslate2 model directory of ours holds: an existing output with anything else is not replaced.
 _EXPORT_FILES = {"model.bin", "config.json", "shared_vocabulary.json", "source_vocabulary.json",
                  "target_vocabulary.json", "vocabulary.json", TOKENIZER}
-
-
-def _check_replaceable(output_dir: Path) -> None:
-    """An existing output is replaced only when it is an earlier export: never a run directory or other files."""
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise ValueError(f"{output_dir}: exists and is not a directory; choose another output path")
-    foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in _EXPORT_FILES)
-    if foreign or not (output_dir / "model.bin").is_file():
-        held = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "") if foreign else "no model.bin"
-        raise ValueError(f"{output_dir}: exists and is not a CTranslate2 export ({held}); nothing was written. "
-                         "Choose a new output path, or remove it first")
 
 
 def to_ctranslate2(model_path: str | Path, output_dir: str | Path, quantization: str | None = None) -> Path:
@@ -72,7 +59,7 @@ def to_ctranslate2(model_path: str | Path, output_dir: str | Path, quantization:
     from ctranslate2.specs import common_spec, transformer_spec
 
     output_dir = Path(output_dir)
-    _check_replaceable(output_dir)
+    check_replaceable(output_dir, _EXPORT_FILES, "a CTranslate2 export")
     model, tokenizer, _ = load_model(model_path)
     cfg = model.cfg
     if cfg.arch != "encoder_decoder":
@@ -106,7 +93,7 @@ def to_ctranslate2(model_path: str | Path, output_dir: str | Path, quantization:
     try:
         _Converter().convert(str(staging), quantization=quantization, force=True)
         shutil.copyfile(tokenizer.path, staging / TOKENIZER)
-        _check_replaceable(output_dir)  # again: something may have appeared there while converting
+        check_replaceable(output_dir, _EXPORT_FILES, "a CTranslate2 export")  # again: it may have changed meanwhile
         if output_dir.exists():
             old = output_dir.with_name(f".{output_dir.name}.old{os.getpid()}")
             os.replace(output_dir, old)
