@@ -42,10 +42,11 @@ def test_translate_keeps_one_line_per_input_line_in_order(toy_model_dir, tmp_pat
     assert out[3] != ""  # the long line is translated (truncated), not dropped
     assert "1 of 23 line(s) were longer than 127 tokens and were truncated" in err
     # The fixed-shape steps that CUDA graphs replay (uncaptured on CPU) translate the same, the long line included.
-    code, _, err = run(["translate", "--model", run_dir, "-i", source, "-o", tmp_path / "graphs.de", "--beam", 2,
-                        "--cuda-graphs"], capsys)
+    # (Into a directory that does not exist yet: made, as average and export make theirs.)
+    code, _, err = run(["translate", "--model", run_dir, "-i", source, "-o", tmp_path / "new" / "graphs.de",
+                        "--beam", 2, "--cuda-graphs"], capsys)
     assert code == 0, err
-    assert (tmp_path / "graphs.de").read_text() == "\n".join(out)
+    assert (tmp_path / "new" / "graphs.de").read_text() == "\n".join(out)
     assert "no CUDA device here" in err or torch.cuda.is_available()
     # Order: each line translated on its own gives the same line.
     for i in (0, 2, 3, 5, 10, 22):

@@ -104,6 +104,8 @@ class _Output:
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}") if self.path else None
 
     def __enter__(self) -> TextIO:
+        if self.tmp:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)  # as average and export do for their outputs
         self.stream = open(self.tmp, "w", encoding="utf-8", newline="\n") if self.tmp else sys.stdout
         return self.stream
 
