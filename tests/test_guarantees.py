@@ -145,6 +145,18 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     assert checkpoint["global_step"] == 1 and checkpoint["state_dict"]["model.w"].tolist() == [1.0, 1.0, 1.0]
 
 
+def test_a_failed_checkpoint_write_leaves_the_previous_one_and_no_temporary_file(tmp_path):
+    from translator.checkpoint import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"model.w": torch.ones(3)}, "global_step": 1}, path)
+    with pytest.raises(Exception):  # fails mid-write (as a full disk would): a lambda cannot be pickled
+        io.save_checkpoint({"state_dict": {"model.w": torch.zeros(1_000_000)}, "hook": lambda: 0}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert load_torch_checkpoint(path)["global_step"] == 1
+
+
 def test_truncated_or_corrupt_checkpoints_give_a_clear_error(toy_model_dir, tmp_path, capsys):
     run_dir, _ = toy_model_dir
     broken = tmp_path / "run"

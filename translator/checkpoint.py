@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, Recipe
-from .data import Tokenizer, write_atomic
+from .data import Tokenizer, atomic_file, write_atomic
 from .model import build_model
 
 CONFIG, TOKENIZER, WEIGHTS, WEIGHTS_INFO, CHECKPOINTS = "config.yaml", "spm.model", "model.safetensors", "model.json", "checkpoints"
@@ -58,12 +58,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_torch_checkpoint(path, map_location or "cpu")
@@ -77,12 +73,8 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, m
         if key not in seen:
             seen.add(key)
             unique[name] = tensor.detach().contiguous().cpu()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(unique, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(unique, str(tmp), metadata=metadata)
 
 
 # -- Reading -------------------------------------------------------------------------------------------------------

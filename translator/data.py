@@ -8,6 +8,7 @@ length, shuffled per epoch under a seed, and can resume in the middle of an epoc
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import logging
@@ -214,15 +215,25 @@ class Tokenizer:
         return cls(model_file)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename: never a half-written file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write; once written it is synced to disk and renamed over `path`, so
+    `path` is never half-written. If writing fails (a full disk, say) the temporary file is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # -- Batching by tokens ------------------------------------------------------------------------------------
