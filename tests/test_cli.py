@@ -91,6 +91,14 @@ def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys, monkeypa
     assert not (tmp_path / "never.de").exists()  # no half-written output
     code, _, err = run(["translate", "--model", tmp_path / "nowhere"], capsys)
     assert code == 1 and err.strip() == f"translator: error: {tmp_path / 'nowhere'}: no such run directory or checkpoint"
+    good = tmp_path / "good.en"
+    good.write_text("the dog\n")
+    for options, message in ((["--max-len-a", 0, "--max-len-b", 0], "needs a, b >= 0, not both 0"),
+                             (["--max-len-b", -1], "needs a, b >= 0"),
+                             (["--chunk-lines", 0], "--chunk-lines must be positive (got 0)")):
+        code, _, err = run(["translate", "--model", run_dir, "-i", good, "-o", tmp_path / "never.de", *options], capsys)
+        assert code == 1 and message in err and not (tmp_path / "never.de").exists(), options
+    assert translated == []
     code, _, err = run(["translate", "--model", run_dir / "config.yaml", "-i", bad], capsys)
     assert code == 1 and err.strip() == (f"translator: error: {run_dir / 'config.yaml'}: not a model; pass a run "
                                          "directory, or a .safetensors or .ckpt file in one")

@@ -86,6 +86,8 @@ def _decoded_lines(path: str | None, consequence: str) -> Iterator[str]:
 
 
 def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    if size < 1:
+        raise ValueError(f"--chunk-lines must be positive (got {size})")
     chunk: list[str] = []
     for line in lines:
         chunk.append(line)
@@ -163,6 +165,9 @@ def _decode_options(recipe, args):
             setattr(options, attr, value)
     if options.beam < 1 or options.batch_tokens < 1:
         raise ValueError("--beam and --batch-tokens must be positive")
+    if options.max_len_a < 0 or options.max_len_b < 0 or options.max_len_a == options.max_len_b == 0:
+        raise ValueError(f"--max-len-a {options.max_len_a} --max-len-b {options.max_len_b}: the output limit "
+                         "a * source length + b needs a, b >= 0, not both 0 (else every output is empty)")
     if options.cuda_graphs and _device(args.device) != "cuda":
         log.warning("cuda_graphs: no CUDA device here, so the fixed-shape decoding steps run uncaptured (slower)")
     return options
