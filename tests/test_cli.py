@@ -62,6 +62,16 @@ def test_translate_reads_stdin_and_writes_stdout(toy_model_dir, tmp_path):
                             input="the dog runs\n\na cat\n", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[1] == "" and len(result.stdout.split("\n")) == 4
+    # As `make translate` calls it: -i /dev/stdin, a pipe, read once (not consumed by a check and then found
+    # empty), and -o through a symlink (as /dev/stdout is) written through it, the link left a link.
+    real, link = tmp_path / "real.de", tmp_path / "link.de"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    piped = subprocess.run([sys.executable, "-m", "translator.cli", "translate", "--model", str(run_dir), "--beam",
+                            "1", "-i", "/dev/stdin", "-o", str(link)],
+                           input="the dog runs\n\na cat\n", capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert link.is_symlink() and real.read_text() == result.stdout
 
 
 def test_nbest_and_sampling(toy_model_dir, tmp_path, capsys):

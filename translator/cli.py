@@ -61,14 +61,16 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _read_input(path: str | None) -> Iterator[str]:
     """Lines of a UTF-8 file or stdin, split on '\\n' only (never on the other characters Python's splitlines
-    treats as breaks), with a clear error naming the line on bad bytes. A file is checked whole before its
-    first line is given out, so a bad byte near its end does not throw away hours of translating."""
-    if path and path != "-":
+    treats as breaks), with a clear error naming the line on bad bytes. A regular file is checked whole before
+    its first line is given out, so a bad byte near its end does not throw away hours of translating; a pipe
+    (stdin, /dev/stdin, <(...)) can be read only once, so it is checked as it streams."""
+    path = None if path == "-" else path
+    if path and Path(path).is_file():
         for _ in _decoded_lines(path, "; nothing was translated"):
             pass
         yield from _decoded_lines(path, "")
     else:
-        yield from _decoded_lines(None, "; stopped at this line")
+        yield from _decoded_lines(path, "; stopped at this line")
 
 
 def _decoded_lines(path: str | None, consequence: str) -> Iterator[str]:
@@ -99,23 +101,32 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 class _Output:
-    """stdout, or a file written to a temporary name and renamed when complete (never half-written)."""
+    """stdout; a file, written to a temporary name and renamed when complete (never half-written); or something
+    that is not a plain file (/dev/stdout, a pipe, a symlink), written straight through: renaming over it would
+    replace the device or link itself."""
 
     def __init__(self, path: str | None):
         self.path = Path(path) if path and path != "-" else None
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}") if self.path else None
+        plain = self.path is not None and (not self.path.exists() or self.path.is_file()) and not self.path.is_symlink()
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}") if plain else None
 
     def __enter__(self) -> TextIO:
         if self.tmp:
             self.tmp.parent.mkdir(parents=True, exist_ok=True)  # as average and export do for their outputs
-        self.stream = open(self.tmp, "w", encoding="utf-8", newline="\n") if self.tmp else sys.stdout
+            self.stream = open(self.tmp, "w", encoding="utf-8", newline="\n")
+        elif self.path:
+            self.stream = open(self.path, "w", encoding="utf-8", newline="\n")
+        else:
+            self.stream = sys.stdout
         return self.stream
 
     def __exit__(self, kind, value, tb) -> None:
-        if self.tmp is None:
+        if self.stream is sys.stdout:
             self.stream.flush()
             return
         self.stream.close()
+        if self.tmp is None:
+            return
         if kind is None:
             os.replace(self.tmp, self.path)
         else:
