@@ -468,8 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "(ctranslate2.Translator; tokenize with the spm.model written beside it).")
     p.add_argument("--model", required=True, help="run directory, or a .safetensors/.ckpt file inside one")
     p.add_argument("--format", choices=["ctranslate2"], default="ctranslate2")
-    p.add_argument("-o", "--output", required=True, help="output directory; an earlier export there is replaced "
-                                                         "once the new one is complete, any other existing path refused")
+    p.add_argument("-o", "--output", required=True,
+                   help="output directory; an earlier export there is replaced once the new one is complete, any "
+                        "other existing path refused")
     p.add_argument("--quantization", choices=["float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16"],
                    help="weight type in the exported model (default: as trained, float32)")
     p.set_defaults(func=cmd_export)

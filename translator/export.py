@@ -97,7 +97,11 @@ def to_ctranslate2(model_path: str | Path, output_dir: str | Path, quantization:
         if output_dir.exists():
             old = output_dir.with_name(f".{output_dir.name}.old{os.getpid()}")
             os.replace(output_dir, old)
-            os.replace(staging, output_dir)
+            try:
+                os.replace(staging, output_dir)
+            except OSError:
+                os.replace(old, output_dir)  # the earlier export back where it was
+                raise
             shutil.rmtree(old)
         else:
             os.replace(staging, output_dir)

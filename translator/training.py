@@ -21,8 +21,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from .checkpoint import (CHECKPOINTS, CONFIG, TOKENIZER, AtomicCheckpointIO, CheckpointError, check_readable, export_weights,
-                         read_recipe, write_recipe)
+from .checkpoint import (CHECKPOINTS, CONFIG, TOKENIZER, AtomicCheckpointIO, CheckpointError, check_readable,
+                         export_weights, read_recipe, write_recipe)
 from .config import Recipe
 from .data import (BlockBatches, Corpus, ResumableBatches, TokenBatches, Tokenizer, encode_corpus, load_corpus,
                    load_text, pack_blocks)
