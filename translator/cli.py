@@ -6,9 +6,9 @@ Errors print as one line (`translator: error: ...`) with a non-zero exit; `--deb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -100,37 +100,25 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-class _Output:
-    """stdout; a file, written to a temporary name and renamed when complete (never half-written); or something
-    that is not a plain file (/dev/stdout, a pipe, a symlink), written straight through: renaming over it would
-    replace the device or link itself."""
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    """stdout; a file, written under a temporary name and renamed when complete (never half-written); or
+    something that is not a plain file (/dev/stdout, a pipe, a symlink), written straight through: renaming over
+    it would replace the device or link itself."""
+    if not path or path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        with open(target, "w", encoding="utf-8", newline="\n") as stream:
+            yield stream
+        return
+    from .data import atomic_file
 
-    def __init__(self, path: str | None):
-        self.path = Path(path) if path and path != "-" else None
-        plain = self.path is not None and (not self.path.exists() or self.path.is_file()) and not self.path.is_symlink()
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}") if plain else None
-
-    def __enter__(self) -> TextIO:
-        if self.tmp:
-            self.tmp.parent.mkdir(parents=True, exist_ok=True)  # as average and export do for their outputs
-            self.stream = open(self.tmp, "w", encoding="utf-8", newline="\n")
-        elif self.path:
-            self.stream = open(self.path, "w", encoding="utf-8", newline="\n")
-        else:
-            self.stream = sys.stdout
-        return self.stream
-
-    def __exit__(self, kind, value, tb) -> None:
-        if self.stream is sys.stdout:
-            self.stream.flush()
-            return
-        self.stream.close()
-        if self.tmp is None:
-            return
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)  # as average and export do for their outputs
+    with atomic_file(target) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as stream:
+        yield stream
 
 
 def _one_line(text: str) -> str:
@@ -220,7 +208,7 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
         if draft_tokenizer.sp.serialized_model_proto() != tokenizer.sp.serialized_model_proto():
             raise ValueError(f"{args.draft} has another sentencepiece model than {args.model}; a draft must share it")
     count = truncated = 0
-    with _Output(args.output) as out:
+    with _output(args.output) as out:
         for chunk in _chunks(_read_input(args.input), args.chunk_lines):
             results, cut = translate_lines(model, tokenizer, chunk, options, mode, 1 if args.sample else args.nbest,
                                            sampling, generator, draft, args.draft_k)
@@ -258,7 +246,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     mode = "greedy" if args.greedy else "sample"
     sampling = None if args.greedy else {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
-    with _Output(args.output) as out:
+    with _output(args.output) as out:
         for chunk in _chunks(prompts, args.chunk_lines):
             texts = [line.strip() for line in chunk]
             ids = [x if text else [] for x, text in zip(tokenizer.encode(texts), texts)]
