@@ -9,8 +9,6 @@ import torch
 from translator.checkpoint import read_weights
 from translator.cli import main
 
-from .conftest import shared_data
-
 
 def run(args, capsys):
     code = main([str(a) for a in args])
@@ -19,7 +17,10 @@ def run(args, capsys):
 
 
 def test_every_command_has_useful_help(capsys):
-    for command in ("train", "translate", "score", "evaluate", "average"):
+    from translator.cli import EXAMPLES
+
+    assert set(EXAMPLES) == {"train", "translate", "score", "evaluate", "average", "export", "generate"}
+    for command in EXAMPLES:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
@@ -84,6 +85,7 @@ def test_nbest_and_sampling(toy_model_dir, tmp_path, capsys):
     samples = [run(["translate", "--model", run_dir, "-i", source, "--sample", "--seed", seed, "--top-k", 5], capsys)[1]
                for seed in (1, 1, 2)]
     assert samples[0] == samples[1] and len(samples[0].splitlines()) == 2
+    assert samples[2] != samples[0]  # another seed, another sample
 
 
 def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys, monkeypatch):
@@ -105,7 +107,10 @@ def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys, monkeypa
     good.write_text("the dog\n")
     for options, message in ((["--max-len-a", 0, "--max-len-b", 0], "needs a, b >= 0, not both 0"),
                              (["--max-len-b", -1], "needs a, b >= 0"),
-                             (["--chunk-lines", 0], "--chunk-lines must be positive (got 0)")):
+                             (["--chunk-lines", 0], "--chunk-lines must be positive (got 0)"),
+                             (["--sample", "--top-p", 0], "--top-p 0.0: must lie in (0, 1]"),
+                             (["--top-p", 1.5], "--top-p 1.5: must lie in (0, 1]"),
+                             (["--sample", "--temperature", 0], "--temperature 0.0: must be positive")):
         code, _, err = run(["translate", "--model", run_dir, "-i", good, "-o", tmp_path / "never.de", *options], capsys)
         assert code == 1 and message in err and not (tmp_path / "never.de").exists(), options
     assert translated == []
@@ -115,10 +120,14 @@ def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys, monkeypa
 
 
 def test_score_matches_the_sacrebleu_command(tmp_path, capsys):
-    refs = (shared_data("multi30k") / "test_2016_flickr.de.gz")
-    import gzip
+    import random
 
-    lines = gzip.decompress(refs.read_bytes()).decode().splitlines()
+    from .conftest import DE
+
+    rng = random.Random(0)  # 1000 German-like sentences with punctuation, numbers and casing
+    words = DE + ["Straße", "über", "Äpfel", "3", "12,5", "(ja)", "„gut“", "E-Mail", "Mr."]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 20))).capitalize() + rng.choice([".", "!", "?"])
+             for _ in range(1000)]
     hyp = tmp_path / "hyp.de"
     # A plausible system: every other line loses its last word, every third swaps its first two words.
     def perturb(i, words):
@@ -194,7 +203,22 @@ def test_average_never_writes_into_another_run(toy_model_dir, tmp_path, capsys):
     before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
     code, _, err = run(["average", "--model", toy_model_dir[0], "--last", 2, "-o", other], capsys)
     assert code == 1 and "other: exists and is not a model directory written by average (checkpoints, " in err
+    # Nor into its weights file named as a file (nor a new weights file beside them).
+    for name in ("model.safetensors", "extra.safetensors"):
+        code, _, err = run(["average", "--model", toy_model_dir[0], "--last", 2, "-o", other / name], capsys)
+        assert code == 1 and f"{other / name}: inside another run or model directory" in err, err
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+    # A weights file elsewhere: a new one is written, one average wrote is replaced, any other file is kept.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, _, err = run(["average", "--model", toy_model_dir[0], "--last", 2, "-o", elsewhere / "avg.safetensors"], capsys)
+    assert code == 0 and not (elsewhere / "model.json").exists(), err
+    code, _, err = run(["average", "--model", toy_model_dir[0], "--last", 1, "-o", elsewhere / "avg.safetensors"], capsys)
+    assert code == 0, err
+    (elsewhere / "mine.safetensors").write_bytes(b"the user's own file")
+    code, _, err = run(["average", "--model", toy_model_dir[0], "--last", 2, "-o", elsewhere / "mine.safetensors"], capsys)
+    assert code == 1 and "mine.safetensors: exists and was not written by average" in err
+    assert (elsewhere / "mine.safetensors").read_bytes() == b"the user's own file"
 
 
 def test_overrides_only_for_train(capsys):

@@ -212,8 +212,12 @@ def test_a_sentence_longer_than_max_tokens_gets_its_own_batch():
     assert [b.tolist() for b in batches] == [[0], [1], [2]]
 
 
-def test_overlong_training_pairs_are_dropped_and_counted(caplog, multi30k_tokenizer):
-    tokenizer, _ = multi30k_tokenizer
+def test_overlong_training_pairs_are_dropped_and_counted(caplog, tmp_path):
+    from .conftest import write_toy_corpus
+
+    toy = write_toy_corpus(tmp_path, n_train=500) / "toy"
+    tokenizer = Tokenizer.train(read_lines(toy / "train.en") + read_lines(toy / "train.de"), tmp_path / "spm.model",
+                                vocab_size=300)
     corpus = Corpus(["short one", "word " * 100, "another short"], ["kurz", "wort " * 3, "noch kurz"], "toy")
     with caplog.at_level(logging.WARNING, logger="translator.data"):
         encoded = encode_corpus(corpus, tokenizer, max_len=50)

@@ -180,7 +180,7 @@ decode: {average_last: 1}
     assert out[0] == "Katze Mann Frau Kind" and out[2] == "Kind Ball rot blau"
     runs = [main(["generate", "--model", str(run), "--prompt", "der", "--seed", str(s), "--max-new-tokens", "8",
                   "--temperature", "1.5"]) or capsys.readouterr().out for s in (3, 3, 4)]
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] and runs[2] != runs[0]
     code = main(["generate", "--model", str(run), "--prompt", "x", "--max-new-tokens", "0"])
     assert code == 1 and "--max-new-tokens must be positive" in capsys.readouterr().err
 

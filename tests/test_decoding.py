@@ -94,6 +94,23 @@ def test_beam_search_with_a_real_model_never_scores_below_greedy():
         assert beams[i][0].score >= logprob(i, greedy_out[i]) - 1e-4
 
 
+@pytest.mark.parametrize("alpha, form", [(0.6, "gnmt"), (1.0, "length"), (2.0, "length")])
+def test_optimal_stop_finds_the_best_hypothesis_where_the_early_stop_misses_it(alpha, form):
+    """A beam of 8 over 3 content tokens and 4 positions: the early stop (fairseq's) ends a sentence at its 8th
+    finished hypothesis and sometimes misses a longer, better one; the optimal stop (tensor2tensor's) does not."""
+    missed = 0
+    for seed in range(20):
+        step = random_table_step(seed=seed)
+        best_score, best = brute_force(step, max_len=4, alpha=alpha, form=form)[0]
+        search = lambda stop: beam_search(step, History(), bos(1), 4, EOS, beam_size=8, alpha=alpha, lp_form=form,
+                                          banned=(PAD, BOS), stop=stop)[0][0]
+        optimal, early = search("optimal"), search("early")
+        assert optimal.tokens == best and optimal.score == pytest.approx(best_score, abs=1e-5), seed
+        assert early.score <= optimal.score + 1e-6
+        missed += early.tokens != best
+    assert missed > 0  # the case exists: otherwise this test could not tell the two rules apart
+
+
 # -- Scripted steps with hand-computed scores ---------------------------------------------------------------
 
 W1, W2 = 3, 4

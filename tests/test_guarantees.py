@@ -66,6 +66,30 @@ def test_a_translation_does_not_depend_on_its_batch(toy_model_dir, mode):
     assert len(set(batched)) > 50  # real, varied translations
 
 
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_batch_invariance_holds_where_the_output_limit_binds(toy_model_dir, mode):
+    """A model that never ends on its own: every output runs to its sentence's limit, the paper's source length
+    + b (EOS not counted), whatever the lengths of the other sentences padded into its batch."""
+    from translator.inference import translate_ids
+
+    model, _, _ = load_model(toy_model_dir[0])
+    real_step = model.step
+
+    def never_ends(tokens, state):
+        logits = real_step(tokens, state)
+        logits[:, model.cfg.eos_id] = -1e4
+        return logits
+
+    model.step = never_ends
+    lengths = [1, 3, 8, 2, 13, 5]
+    sources = [[4 + (i * 7 + j) % 300 for j in range(n)] for i, n in enumerate(lengths)]
+    options = DecodeConfig(beam=2, max_len_a=1.0, max_len_b=3, batch_tokens=100_000)
+    batched = translate_ids(model, sources, options, mode=mode)
+    alone = [translate_ids(model, [source], options, mode=mode)[0] for source in sources]
+    assert batched == alone
+    assert [len(out[0]) for out in batched] == [n + 3 for n in lengths]
+
+
 # -- Exact resume after SIGKILL ------------------------------------------------------------------------------
 
 def train_args(recipe, data_dir, out, *extra):
@@ -108,7 +132,8 @@ def test_a_killed_run_resumes_exactly(toy_run, tmp_path):
 
     subprocess.run(train_args(recipe, data_dir, killed, "--resume"), check=True, capture_output=True, timeout=300)
     a, b = read_weights(straight / "checkpoints/last.ckpt"), read_weights(killed / "checkpoints/last.ckpt")
-    assert load_torch_checkpoint(killed / "checkpoints/last.ckpt")["global_step"] == 60
+    final = load_torch_checkpoint(killed / "checkpoints/last.ckpt")
+    assert final["global_step"] == 60 and set(final["rng_states"][0]) == {"cpu", "cuda"}
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     # The loss trajectory after the resume (logged by the resumed process; a killed process loses its unflushed
     # log rows) matches the uninterrupted run's, step for step.
@@ -116,6 +141,50 @@ def test_a_killed_run_resumes_exactly(toy_run, tmp_path):
     assert len(expected) == 12 and sorted(resumed) == [s for s in sorted(expected) if s > stopped_at]
     assert all(abs(expected[s] - resumed[s]) < 1e-5 for s in resumed)
     assert sorted(p.name for p in (killed / "checkpoints").iterdir() if not p.name.startswith("step")) == ["last.ckpt"]
+
+
+def test_last_ckpt_is_replaced_atomically(tmp_path, monkeypatch):
+    """Pointing last.ckpt at a new checkpoint never leaves a moment without a last.ckpt (Lightning's own link
+    deleted it first: a kill then left nothing to resume from)."""
+    from types import SimpleNamespace
+
+    from translator.training import PeriodicCheckpoints
+
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    for name in ("step0000005.ckpt", "step0000010.ckpt"):
+        torch.save({"global_step": int(name[4:11])}, directory / name)
+    last = directory / "last.ckpt"
+    last.symlink_to("step0000005.ckpt")
+    seen = []
+    real_symlink, real_replace = os.symlink, os.replace
+    monkeypatch.setattr(os, "symlink", lambda *a, **k: (seen.append(last.exists()), real_symlink(*a, **k)))
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (seen.append(last.exists()), real_replace(*a, **k)))
+    monkeypatch.setattr(os, "remove", lambda path: (seen.append(last.exists()), os.unlink(path)))
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
+    PeriodicCheckpoints._link_checkpoint(trainer, str(directory / "step0000010.ckpt"), str(last))
+    assert seen and all(seen)  # last.ckpt existed at every file-system operation
+    assert last.is_symlink() and load_torch_checkpoint(last)["global_step"] == 10
+    assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt", "step0000005.ckpt", "step0000010.ckpt"]
+
+
+def test_random_states_of_every_device_are_saved_and_restored(monkeypatch):
+    """The code path a GPU takes, on a CPU: CUDA's generators (faked here) go into the checkpoint and come back."""
+    import translator.training as training
+
+    cuda_states = [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 9, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in cuda_states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(states))
+    torch.manual_seed(11)
+    states = training.rng_states()
+    expected = torch.rand(5)
+    torch.rand(100)
+    training.restore_rng_states(states)
+    assert torch.equal(torch.rand(5), expected)  # the CPU generator continues where it was saved
+    assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], cuda_states))
 
 
 # -- Crash-safe, safe-to-load checkpoints -------------------------------------------------------------------
@@ -202,6 +271,15 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(toy_model_dir, tmp
     code, _, err = cli(["translate", "--model", hostile], capsys)
     assert code == 1 and "refused to load" in err
     assert not marker.exists()
+    # Nor does resuming a run whose last.ckpt is that checkpoint.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(run_dir / "config.yaml", resumed / "config.yaml")
+    (resumed / "checkpoints").mkdir()
+    shutil.copy(evil, resumed / "checkpoints" / "last.ckpt")
+    code, _, err = cli(["train", "--out", resumed, "--resume", "--data-dir", toy_model_dir[1]], capsys)
+    assert code == 1 and "last.ckpt: refused to load" in err, err
+    assert not marker.exists()
     # Sanity check that the payload is live: plain unpickling would run it.
     torch.load(evil, weights_only=False)
     assert marker.exists()
@@ -209,8 +287,9 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(toy_model_dir, tmp
 
 # -- Numerical guards ----------------------------------------------------------------------------------------
 
-def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(toy_run, tmp_path, monkeypatch,
-                                                                                     capsys):
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_a_nan_or_inf_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(toy_run, tmp_path, monkeypatch,
+                                                                                            capsys, poison):
     import translator.training as training
 
     data_dir, recipe = toy_run
@@ -221,7 +300,7 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_check
         if logits.requires_grad:  # training, not validation
             calls["n"] += 1
             if calls["n"] == 13:
-                return loss * float("nan"), nll
+                return loss * float(poison), nll
         return loss, nll
 
     monkeypatch.setattr(training, "label_smoothed_loss", poisoned)
@@ -229,7 +308,7 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_check
     code, _, err = cli(["train", "--config", recipe, "--data-dir", data_dir, "--out", run, "--no-progress",
                         "--train.save_every=5"], capsys)
     lines = err.strip().splitlines()
-    assert code == 1 and lines[-1].startswith("translator: error: training loss is nan at step 13; stopped.")
+    assert code == 1 and lines[-1].startswith(f"translator: error: training loss is {poison} at step 13; stopped.")
     last = load_torch_checkpoint(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 10
     assert all(torch.isfinite(w).all() for w in last["state_dict"].values())
@@ -245,6 +324,17 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_check
     (["--data.train=absent/train.{lang}"], r"missing file\(s\)"),
     (["--train.max_tokens=-5"], "must be positive"),
     (["--devices", "two"], "--devices 'two': expected a number or auto"),
+    (["--data.tgt_lang=en"], "data.src_lang and data.tgt_lang are both 'en'"),
+    (["--train.log_every=0"], "train.log_every=0 must be positive"),
+    (["--train.save_every=-5"], "train.save_every=-5 must be positive"),
+    (["--train.keep_last=0"], "train.keep_last=0 must be positive"),
+    (["--decode.average_last=0"], "decode.average_last=0 must be positive"),
+    (["--data.max_len=0"], "data.max_len=0 must be positive"),
+    (["--decode.beam_stop=never"], "decode.beam_stop='never'"),
+    (["--model.pad_id=5"], "model.pad_id/bos_id/eos_id/unk_id are 5/1/2/3"),
+    (["--data.task=lm", "--model.preset=lm_tiny", "--model.prefix_lm=true", "--model.n_encoder_layers=0",
+      "--data.block_size=64"],
+     "model.prefix_lm applies to translation"),
 ])
 def test_bad_configuration_is_one_clear_line(toy_run, tmp_path, capsys, args, message):
     import re
@@ -258,6 +348,44 @@ def test_bad_configuration_is_one_clear_line(toy_run, tmp_path, capsys, args, me
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and re.search(message, errors[0]), err
     assert "Traceback" not in err
+    assert not (tmp_path / "r" / "spm.model").exists()  # refused before any work
+
+
+def test_errors_that_libraries_would_print_over_many_lines_are_one(toy_run, toy_model_dir, tmp_path, capsys):
+    data_dir, recipe = toy_run
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(recipe.read_text().replace("  max_tokens: 2000", "  max_tokens: [2000"))
+    code, _, err = cli(["train", "--config", broken, "--data-dir", data_dir, "--out", tmp_path / "r"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{broken}:" in err and "not valid YAML" in err
+    # A GPU asked for where there is none: refused before the tokenizer is trained.
+    if not torch.cuda.is_available():
+        code, _, err = cli(["train", "--config", recipe, "--data-dir", data_dir, "--out", tmp_path / "g", "--device",
+                            "cuda"], capsys)
+        assert code == 1 and err.strip() == ("translator: error: a GPU was asked for (--device cuda or "
+                                             "train.accelerator), but no CUDA device is available")
+        assert not (tmp_path / "g" / "spm.model").exists()
+    run_dir, _ = toy_model_dir
+    # Weights of another shape (a wider model's) under this run's config.
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    from translator import ModelConfig, build_model
+    from translator.checkpoint import save_weights
+
+    wide = build_model(ModelConfig.from_name("tiny", vocab_size=400, d_model=96, d_ff=128, n_heads=4))
+    save_weights(wide.state_dict(), other / "model.safetensors")
+    code, _, err = cli(["translate", "--model", other], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{other / 'model.safetensors'}: weights of another model shape than" in err and "[96]" in err
+    # A tokenizer that is not the model's (another vocabulary size).
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(run_dir, mismatched)
+    from translator.data import Tokenizer
+
+    Tokenizer.train(read_lines(data_dir / "toy/train.en"), mismatched / "spm.model", vocab_size=350)
+    code, _, err = cli(["translate", "--model", mismatched], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "spm.model: a 350-piece sentencepiece model, but the model in" in err and "vocabulary of 400" in err
 
 
 def test_a_run_directory_from_another_version_is_refused(toy_model_dir, tmp_path, capsys):

@@ -31,6 +31,18 @@ def test_parameter_counts_match_the_paper_layout():
     assert count_parameters(big) == 214_245_376
 
 
+def test_the_multi30k_recipes_models_have_the_sizes_the_readme_gives():
+    from translator.config import load_recipe
+
+    sizes = {}
+    for name in ("en_de", "en_de_decoder_only"):
+        recipe = load_recipe(f"recipes/multi30k/{name}.yaml")
+        recipe.model.vocab_size = recipe.tokenizer.vocab_size
+        with torch.device("meta"):
+            sizes[name] = count_parameters(build_model(recipe.model))
+    assert sizes == {"en_de": 7_577_600, "en_de_decoder_only": 7_576_320}  # "7.58M" each
+
+
 def test_pre_norm_adds_one_final_layer_norm_per_stack():
     with torch.device("meta"):
         post = build_model(ModelConfig.from_name("transformer_base", vocab_size=37000))
@@ -153,6 +165,17 @@ def test_fully_padded_rows_give_no_nan_under_autocast(dtype):
     with torch.autocast("cpu", dtype=dtype):
         out = model(src, random_tokens(2, 4))
     assert torch.isfinite(out).all()
+    # The attention itself gives zeros on a row that may attend to nothing: its output is W_O's bias alone.
+    from translator.model import MultiHeadAttention
+
+    attention = MultiHeadAttention(16, 2, 0.0).eval()
+    x = torch.randn(2, 3, 16)
+    mask = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    mask[1] = False  # every key of the second sentence masked
+    with torch.autocast("cpu", dtype=dtype):
+        y, _ = attention(x, mask)
+    torch.testing.assert_close(y[1].float(), attention.out.bias.detach().expand(3, 16), atol=1e-2, rtol=0)
+    assert (y[0].float() - attention.out.bias).abs().max() > 0.05  # a row with keys is not just the bias
     lm = tiny("decoder_only")
     prompt = random_tokens(2, 6)
     prompt[0, :4] = PAD  # left padding: those query rows see no key

@@ -51,6 +51,28 @@ def check_replaceable(directory: Path, holds: set[str], kind: str) -> None:
                               "output path, or remove it first")
 
 
+def check_weights_output(path: Path, run_dir: Path) -> None:
+    """A weights file that `average` may write: in its own run directory, or a new file or one it wrote before
+    (its metadata names what it averaged) in a directory that holds no other run or model."""
+    home = path.parent.resolve()
+    if home == Path(run_dir).resolve():
+        return
+    if (path.parent / CONFIG).exists() or (path.parent / CHECKPOINTS).exists():
+        raise CheckpointError(f"{path}: inside another run or model directory ({path.parent}); nothing was written. "
+                              "Average into the run's own directory, a new directory, or a new file")
+    if path.exists():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                ours = "averaged" in (f.metadata() or {})
+        except (SafetensorError, OSError):
+            ours = False
+        if not ours:
+            raise CheckpointError(f"{path}: exists and was not written by average; nothing was written. Choose a new "
+                                  "output path, or remove it first")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary file, synced, then renamed over the target: a crash
     mid-write leaves the previous checkpoint intact. Loading never unpickles arbitrary objects."""
@@ -107,7 +129,8 @@ def check_readable(path: str | os.PathLike) -> None:
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Model weights from model.safetensors or from a Lightning .ckpt (its 'state_dict', prefix 'model.')."""
+    """Model weights from model.safetensors or from a Lightning .ckpt (its 'state_dict', prefix 'model.'; a
+    wrapper's '_orig_mod.', from runs that compiled by wrapping the model, is dropped)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
@@ -119,7 +142,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     checkpoint = load_torch_checkpoint(path)
     if "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a translator checkpoint (no 'state_dict')")
-    return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    return {k.removeprefix("model.").removeprefix("_orig_mod."): v
+            for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
 
 
 def average_weights(paths: list[str | os.PathLike]) -> dict[str, torch.Tensor]:
@@ -180,8 +204,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
     recipe = read_recipe(run_dir)
     tokenizer = Tokenizer(run_dir / TOKENIZER)
+    if tokenizer.vocab_size != recipe.model.vocab_size:
+        raise CheckpointError(f"{run_dir / TOKENIZER}: a {tokenizer.vocab_size}-piece sentencepiece model, but the model in "
+                              f"{run_dir / CONFIG} has a vocabulary of {recipe.model.vocab_size}; they are not one run's")
     model = build_model(recipe.model)
     state = read_weights(weights)
+    expected = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:  # load_state_dict would list every mismatch over many lines without naming the file
+        name, got, want = wrong[0]
+        raise CheckpointError(f"{weights}: weights of another model shape than {run_dir / CONFIG} describes "
+                              f"({len(wrong)} tensor(s) differ, e.g. {name}: {list(got)} vs {list(want)})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     shared = {"tgt_embed.token.weight"} if recipe.model.share_embeddings else set()
     if set(missing) - shared or unexpected:

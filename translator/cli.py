@@ -157,11 +157,10 @@ def _decode_options(recipe, args):
     import dataclasses
 
     options = dataclasses.replace(recipe.decode)
-    for name, attr in (("beam", "beam"), ("lenpen", "lenpen"), ("lp_form", "lp_form"), ("max_len_a", "max_len_a"),
-                       ("max_len_b", "max_len_b"), ("batch_tokens", "batch_tokens"), ("cuda_graphs", "cuda_graphs")):
+    for name in ("beam", "lenpen", "lp_form", "max_len_a", "max_len_b", "batch_tokens", "beam_stop", "cuda_graphs"):
         value = getattr(args, name, None)
         if value is not None:
-            setattr(options, attr, value)
+            setattr(options, name, value)
     if options.beam < 1 or options.batch_tokens < 1:
         raise ValueError("--beam and --batch-tokens must be positive")
     if options.max_len_a < 0 or options.max_len_b < 0 or options.max_len_a == options.max_len_b == 0:
@@ -181,9 +180,21 @@ def _load_for_translation(args):
     return model, tokenizer, recipe
 
 
+def _sampling(args) -> dict:
+    """--temperature, --top-k, --top-p, checked whether or not they are used."""
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must lie in (0, 1]")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k {args.top_k}: must not be negative (0: no top-k filter)")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature {args.temperature}: must be positive")
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
 def _mode(args, options) -> tuple[str, dict | None]:
+    sampling = _sampling(args)
     if args.sample:
-        return "sample", {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        return "sample", sampling
     return ("greedy" if options.beam == 1 and args.nbest == 1 else "beam"), None
 
 
@@ -244,7 +255,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError("--max-new-tokens must be positive")
     prompts = iter([args.prompt]) if args.prompt is not None else _read_input(args.input)
     mode = "greedy" if args.greedy else "sample"
-    sampling = None if args.greedy else {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    sampling = _sampling(args)
+    sampling = None if args.greedy else sampling
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     with _output(args.output) as out:
         for chunk in _chunks(prompts, args.chunk_lines):
@@ -336,7 +348,7 @@ def cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
     import shutil
 
     from .checkpoint import (CONFIG, TOKENIZER, WEIGHTS, WEIGHTS_INFO, average_weights, check_replaceable,
-                             periodic_checkpoints, save_weights, write_weights_info)
+                             check_weights_output, periodic_checkpoints, save_weights, write_weights_info)
 
     if args.last < 1:
         raise ValueError(f"--last must be at least 1 (got {args.last})")
@@ -351,6 +363,8 @@ def cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
     if new_model_dir:  # a self-contained model directory: config, tokenizer and weights
         check_replaceable(out, {CONFIG, TOKENIZER, WEIGHTS, WEIGHTS_INFO}, "a model directory written by average")
     weights_file = out if out.suffix == ".safetensors" else out / WEIGHTS
+    if not new_model_dir:
+        check_weights_output(weights_file, run_dir)
     weights = average_weights(chosen)
     if new_model_dir:
         out.mkdir(parents=True, exist_ok=True)
@@ -358,8 +372,8 @@ def cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
             shutil.copyfile(run_dir / name, out / name)
     weights_file.parent.mkdir(parents=True, exist_ok=True)
     save_weights(weights, weights_file, {"averaged": ",".join(p.name for p in chosen)})
-    if weights_file.name == WEIGHTS:  # the weights a model directory loads: its model.json must say what they are
-        write_weights_info(weights_file.parent, chosen)
+    if weights_file.name == WEIGHTS and (weights_file.parent / CONFIG).is_file():
+        write_weights_info(weights_file.parent, chosen)  # the weights a model directory loads: say what they are
     print(f"averaged {len(chosen)} checkpoint(s) ({', '.join(p.name for p in chosen)}) into {weights_file}")
     return 0
 
@@ -396,6 +410,9 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-len-a", dest="max_len_a", type=float, help="output limit a * source length + b: a")
     g.add_argument("--max-len-b", dest="max_len_b", type=int, help="output limit a * source length + b: b")
     g.add_argument("--batch-tokens", dest="batch_tokens", type=int, help="source tokens per batch")
+    g.add_argument("--beam-stop", dest="beam_stop", choices=["early", "optimal"],
+                   help="early: a sentence stops with beam finished hypotheses (fairseq); optimal: once no live beam "
+                        "can beat them (the paper's tensor2tensor search)")
     g.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
                    help="replay each decoding step from a CUDA graph (fixed shapes; GPU only, slower on CPU)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -15,6 +15,7 @@ class ConfigError(ValueError):
 
 
 ARCHS = ("encoder_decoder", "decoder_only")
+SPECIAL_IDS = (0, 1, 2, 3)  # pad, bos, eos, unk: fixed by Tokenizer.train
 ACTIVATIONS = ("relu", "gelu")
 
 
@@ -142,10 +143,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 # -- Recipes: what to train on, how, and how to decode ---------------------------------------------------------
 
 @dataclass
@@ -209,6 +206,10 @@ class DecodeConfig:
     max_len_b: int = 50
     average_last: int = 5  # checkpoints averaged for the final model (the paper: 5 base, 20 big)
     batch_tokens: int = 8192
+    # When a sentence's search stops. early: once it holds `beam` finished hypotheses (fairseq, Hugging Face,
+    # CTranslate2). optimal: once no live beam can still beat the worst of them, whatever its length (the
+    # paper's tensor2tensor search): never misses a better hypothesis the beam holds, and costs more steps.
+    beam_stop: str = "early"
     # Decoding steps replayed from CUDA graphs (translator/cuda_graphs.py): one launch per step instead of one per
     # operation. On CPU the same fixed-shape steps run uncaptured, slower than the default.
     cuda_graphs: bool = False
@@ -247,7 +248,7 @@ class Recipe:
         return recipe
 
     def validate(self, source: str = "recipe") -> None:
-        t, d = self.train, self.decode
+        t, d, m = self.train, self.decode, self.model
         checks = [
             (self.data.task in ("translation", "lm"), f"data.task={self.data.task!r}: expected translation or lm"),
             (self.data.task != "lm" or self.model.arch == "decoder_only",
@@ -259,15 +260,30 @@ class Recipe:
              "expected 32, bf16-mixed or 16-mixed"),
             (t.val_bleu in ("greedy", "beam", "none"), f"train.val_bleu={t.val_bleu!r}: expected greedy, beam or none"),
             (d.lp_form in ("gnmt", "length"), f"decode.lp_form={d.lp_form!r}: expected gnmt or length"),
+            (d.beam_stop in ("early", "optimal"), f"decode.beam_stop={d.beam_stop!r}: expected early or optimal"),
+            (self.data.task != "translation" or self.data.src_lang != self.data.tgt_lang,
+             f"data.src_lang and data.tgt_lang are both {self.data.tgt_lang!r}: a translation needs two languages"),
+            (not (self.data.task == "lm" and self.model.prefix_lm), "model.prefix_lm applies to translation "
+             "(data.task: translation); a language model (data.task: lm) has no source prefix"),
+            ((m.pad_id, m.bos_id, m.eos_id, m.unk_id) == SPECIAL_IDS, f"model.pad_id/bos_id/eos_id/unk_id are "
+             f"{m.pad_id}/{m.bos_id}/{m.eos_id}/{m.unk_id}; the sentencepiece model fixes them at 0/1/2/3"),
             (t.max_tokens > 0 and t.accumulate > 0 and t.warmup > 0 and t.max_steps > 0,
              "train.max_tokens, accumulate, warmup and max_steps must be positive"),
             (0 <= t.cooldown < t.max_steps, f"train.cooldown={t.cooldown} must lie in [0, max_steps)"),
             (0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must lie in [0, 1)"),
             (d.beam >= 1, f"decode.beam={d.beam} must be at least 1"),
+            (d.max_len_a >= 0 and d.max_len_b >= 0 and (d.max_len_a, d.max_len_b) != (0, 0),
+             f"decode.max_len_a={d.max_len_a}, max_len_b={d.max_len_b}: the output limit a * source length + b "
+             "needs a, b >= 0, not both 0"),
+            (t.val_every >= 0, f"train.val_every={t.val_every} must not be negative (0: once per epoch)"),
             (self.tokenizer.vocab_size >= 8, f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small"),
             (t.adam_betas is None or (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas)),
              f"train.adam_betas={t.adam_betas}: expected two numbers in [0, 1)"),
         ]
+        positive = [("data.max_len", self.data.max_len), ("train.log_every", t.log_every),
+                    ("train.save_every", t.save_every), ("train.keep_last", t.keep_last),
+                    ("decode.average_last", d.average_last), ("decode.batch_tokens", d.batch_tokens)]
+        checks += [(value > 0, f"{name}={value} must be positive") for name, value in positive]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{source}: {message}")
@@ -315,8 +331,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise ConfigError(f"{path}: no such recipe file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.MarkedYAMLError as e:  # its message spans several lines, quoting the text: keep where and what
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({e.problem or e.context})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     version = raw.get("format_version", FORMAT_VERSION) if isinstance(raw, dict) else FORMAT_VERSION
     if version != FORMAT_VERSION:
         raise ConfigError(f"{path}: written by a translator with config format {version}; this one reads "

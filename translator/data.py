@@ -21,6 +21,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .config import SPECIAL_IDS
+
 log = logging.getLogger(__name__)
 
 
@@ -156,7 +158,7 @@ def load_hub_corpus(spec: dict[str, Any], src_lang: str, tgt_lang: str) -> Corpu
 
 # -- Sentencepiece ---------------------------------------------------------------------------------------------
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # ModelConfig's defaults
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = SPECIAL_IDS  # ModelConfig's defaults, which a recipe may not change
 
 
 class Tokenizer:

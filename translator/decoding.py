@@ -247,13 +247,17 @@ def sample(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eo
 
 def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
                 beam_size: int = 4, alpha: float = 0.6, lp_form: str = "gnmt", nbest: int = 1,
-                banned: Sequence[int] = (), min_len: int = 0) -> list[list[Hypothesis]]:
+                banned: Sequence[int] = (), min_len: int = 0, stop: str = "early") -> list[list[Hypothesis]]:
     """Batched beam search (fairseq's mechanics): each step ranks 2*beam candidates per sentence, ends the
     EOS candidates among the best `beam` as hypotheses scored by log-probability / length penalty, and
-    continues with the best `beam` others. A sentence is done once it holds `beam` hypotheses.
+    continues with the best `beam` others. stop='early': a sentence is done once it holds `beam` hypotheses
+    (fairseq). stop='optimal': it goes on, keeping the best `beam`, until no live beam can still beat the worst
+    of them at any length it may reach (tensor2tensor, the paper's search; log-probabilities only fall).
     Returns, per sentence, the `nbest` best hypotheses, best first."""
     if not 1 <= nbest <= beam_size:
         raise ValueError(f"nbest={nbest} must lie between 1 and beam_size={beam_size}")
+    if stop not in ("early", "optimal"):
+        raise ValueError(f"stop={stop!r}: expected 'early' or 'optimal'")
     B, K, device = prefix.size(0), beam_size, prefix.device
     limits = _as_lengths(max_len, B, device).tolist()
     first_limit = min(limits)
@@ -288,7 +292,20 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
                 hyps = finished[sentences[row]]
                 if len(hyps) < K:
                     hyps.append(Hypothesis(seq, score))
-                    if len(hyps) == K:
+                    if len(hyps) == K and stop == "early":
+                        done.add(row)
+                else:  # optimal: a better hypothesis takes the worst one's place
+                    worst = min(range(K), key=lambda h: hyps[h].score)
+                    if score > hyps[worst].score:
+                        hyps[worst] = Hypothesis(seq, score)
+        if stop == "optimal" and any(len(finished[s]) == K for s in sentences):
+            # The best a live beam can still reach: its log-probability over the largest penalty ahead of it.
+            best_live = top.masked_fill(is_eos, -torch.inf).amax(dim=1).tolist()
+            for row, s in enumerate(sentences):
+                hyps = finished[s]
+                if len(hyps) == K:
+                    reachable = max(length_penalty(t + 2, alpha, lp_form), length_penalty(limits[s] + 1, alpha, lp_form))
+                    if best_live[row] / reachable <= min(h.score for h in hyps):
                         done.add(row)
         if must_end is not None:
             done.update(row for row, s in enumerate(sentences) if t >= limits[s])

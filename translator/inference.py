@@ -32,8 +32,10 @@ def _encoder_decoder_batch(model: EncoderDecoder, sources: list[list[int]], opti
     width = max(len(s) for s in sources) + 1
     src = torch.tensor([[*s, cfg.eos_id] + [cfg.pad_id] * (width - len(s) - 1) for s in sources], dtype=torch.long,
                        device=device)  # built on the host in one piece: a row at a time was two operations per row
-    # BOS plus the generated tokens must fit max_positions (EOS is never fed).
-    limit = max_lengths((src != cfg.pad_id).sum(1), options.max_len_a, options.max_len_b, cap=cfg.max_positions - 1)
+    # The paper's limit counts the source's tokens, not its EOS; BOS plus the generated tokens must fit
+    # max_positions (EOS is never fed).
+    lengths = torch.tensor([len(s) for s in sources], device=device)
+    limit = max_lengths(lengths, options.max_len_a, options.max_len_b, cap=cfg.max_positions - 1)
     prefix = torch.full((len(sources), 1), cfg.bos_id, dtype=torch.long, device=device)
     return model.start(src), prefix, limit
 
@@ -44,7 +46,7 @@ def _decoder_only_batch(model: DecoderOnly, sources: list[list[int]], options: D
     width = max(len(s) for s in sources) + 2
     prompt = torch.tensor([[cfg.pad_id] * (width - len(s) - 2) + [cfg.bos_id, *s, cfg.eos_id] for s in sources],
                           dtype=torch.long, device=device)
-    lengths = torch.tensor([len(s) + 1 for s in sources], device=device)
+    lengths = torch.tensor([len(s) for s in sources], device=device)
     limit = max_lengths(lengths, options.max_len_a, options.max_len_b, cap=cfg.max_positions - width)
     return model.start(prompt), prompt, limit
 
@@ -79,7 +81,8 @@ def translate_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequenc
             state.reuse_logits = True  # the decoding functions read each step's logits before the next step
         if mode == "beam":
             hyps = beam_search(step, state, prefix, limit, cfg.eos_id, beam_size=options.beam,
-                               alpha=options.lenpen, lp_form=options.lp_form, nbest=nbest, banned=banned)
+                               alpha=options.lenpen, lp_form=options.lp_form, nbest=nbest, banned=banned,
+                               stop=options.beam_stop)
             outputs = [[h.tokens for h in hs] for hs in hyps]
         elif mode == "greedy":
             outputs = [[t] for t in greedy(step, state, prefix, limit, cfg.eos_id, banned=banned)]

@@ -7,9 +7,11 @@ validation loss, perplexity and sacreBLEU. Distribution (DDP, FSDP, several node
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -81,6 +83,21 @@ def inverse_sqrt_lr(d_model: int, warmup: int, scale: float = 1.0, cooldown: int
     return lr
 
 
+def rng_states() -> dict[str, Any]:
+    """This process's random generators: the CPU's and every visible CUDA device's."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if states.get("cuda") and torch.cuda.is_available():
+        if len(states["cuda"]) != torch.cuda.device_count():
+            log.warning("resuming on %d CUDA device(s) with the random state of %d: dropout will not repeat exactly",
+                        torch.cuda.device_count(), len(states["cuda"]))
+        else:
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class TranslationModule(L.LightningModule):
     """The model, its loss and optimizer, and validation with BLEU. Holds no data logic."""
 
@@ -90,9 +107,12 @@ class TranslationModule(L.LightningModule):
         self.save_hyperparameters({"recipe": recipe})
         self.recipe = Recipe.from_dict(recipe)
         self.model = build_model(self.recipe.model)
+        if self.recipe.train.compile:  # in place: the state dict keeps its keys (torch.compile's wrapper would
+            self.model.compile()       # prefix them with _orig_mod., which nothing could load)
         self.tokenizer = Tokenizer(tokenizer_file) if tokenizer_file else None
         self.references = references or []  # validation targets, by line
-        self._last_step_time: float | None = None
+        self._last_step_time: float | None = None  # for tokens/s; None after validation and at the start
+        self._update_tokens = 0  # target tokens of this rank's micro-batches since the last optimizer step
         self._val: dict[str, Any] = {}
         self.data_position: tuple[int, int] | None = None  # (epoch, index) of the last batch trained
         self.tokens_seen = 0  # target tokens trained on, across resumes
@@ -111,7 +131,7 @@ class TranslationModule(L.LightningModule):
         cfg = self.recipe.model
         loss_sum, nll_sum = label_smoothed_loss(self(batch), batch["tgt_out"], self.recipe.train.label_smoothing, cfg.pad_id)
         ntokens = batch["ntokens"]
-        loss = loss_sum / ntokens
+        loss = loss_sum / ntokens  # this batch's mean, for the log
         if not torch.isfinite(loss):  # before any optimizer step: the weights and checkpoints stay good
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step + 1}; stopped. "
                                      f"The last good checkpoint is kept; lower train.lr_scale or raise train.warmup.")
@@ -125,7 +145,22 @@ class TranslationModule(L.LightningModule):
         self.log("train/nll", nll_sum / ntokens)
         self.log("global_step", float(self.global_step))
         self.log("lr", self.optimizers().param_groups[0]["lr"])
-        return loss
+        self._update_tokens += ntokens
+        # The sum, scaled by a constant; on_before_optimizer_step divides by the update's target tokens.
+        return loss_sum / self.recipe.train.max_tokens
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Normalise the update by its target tokens over every micro-batch and rank, as fairseq does: Lightning
+        averages micro-batches and DDP averages ranks, which would give the tokens of a small or heavily padded
+        batch more weight than the others. Runs before gradient clipping."""
+        tokens = torch.tensor(float(self._update_tokens), device=self.device)
+        if self.trainer.world_size > 1:
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        scale = self.recipe.train.max_tokens * self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+        self._update_tokens = 0
 
     def configure_optimizers(self):
         t = self.recipe.train
@@ -141,13 +176,21 @@ class TranslationModule(L.LightningModule):
     # -- exact resume ----------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["torch_rng_state"] = torch.get_rng_state()  # dropout masks continue where they stopped
+        # Dropout masks continue where they stopped, on every rank and device: each rank's generators.
+        states = [rng_states()]
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():  # every rank saves (Lightning
+            states = [None] * self.trainer.world_size                           # writes rank 0's copy)
+            torch.distributed.all_gather_object(states, rng_states())
+        checkpoint["rng_states"] = states
         if self.data_position is not None:  # the next batch to train
             checkpoint["data_position"] = [self.data_position[0], self.data_position[1] + 1]
         checkpoint["tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "torch_rng_state" in checkpoint:
+        if "rng_states" in checkpoint:
+            states = checkpoint["rng_states"]
+            restore_rng_states(states[self.global_rank] if self.global_rank < len(states) else states[0])
+        elif "torch_rng_state" in checkpoint:  # checkpoints of earlier versions kept the CPU generator only
             torch.set_rng_state(checkpoint["torch_rng_state"])
         if "data_position" in checkpoint:
             self.resume_position = tuple(checkpoint["data_position"])
@@ -172,6 +215,9 @@ class TranslationModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._fit_start = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        self._last_step_time = None  # the next step's tokens/s must not include validation
 
     def on_validation_epoch_end(self) -> None:
         totals = torch.stack([self._val["nll"].float(), torch.tensor(float(self._val["tokens"]), device=self.device)])
@@ -248,6 +294,22 @@ class PeriodicCheckpoints(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.last_model_path = str(Path(self.dirpath) / "last.ckpt")
         trainer.save_checkpoint(self.last_model_path, weights_only=False)
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        """Point last.ckpt at the newest checkpoint atomically: the new link is made beside it and renamed over
+        it. (Lightning deletes, then links: a kill between the two left no last.ckpt to resume from.)"""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            directory, name = os.path.split(linkpath)
+            temporary = os.path.join(directory, f".{name}.link{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+            try:
+                os.symlink(os.path.relpath(filepath, directory), temporary)
+            except OSError:  # no symbolic links here (Windows without the privilege): a copy instead
+                shutil.copyfile(filepath, temporary)
+            os.replace(temporary, linkpath)
+        trainer.strategy.barrier()
 
 
 def _quiet_lightning() -> None:
@@ -364,6 +426,8 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
     """Train a recipe into run_dir (created, or resumed from its last.ckpt). Returns the run directory."""
     run_dir = Path(run_dir)
     t = recipe.train
+    if (accelerator or t.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError("a GPU was asked for (--device cuda or train.accelerator), but no CUDA device is available")
     _quiet_lightning()
     last = run_dir / CHECKPOINTS / "last.ckpt"
     if resume and not last.is_file():
@@ -377,8 +441,6 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
     recipe, tokenizer, train, valid = prepare_run(recipe, run_dir, data_dir, resume)
     make_train, make_valid, references = _loaders(recipe, tokenizer, train, valid)
     module = TranslationModule(recipe.to_dict(), str(run_dir / TOKENIZER), references)
-    if t.compile:
-        module.model = torch.compile(module.model)
 
     bleu = references and t.val_bleu != "none"
     monitor = ("val/bleu", "max") if bleu else ("val/loss", "min")
