@@ -9,16 +9,27 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items):
+    """Tests on the trained toy model wait for its training (about 15 s, once): slow, for `pytest -m "not slow"`."""
+    for item in items:
+        if "toy_model_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 
 
 def shared_data(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test saying what is missing."""
+    """A path under ../shared/data, or skip the test saying what is missing (fail, under CI's
+    TRANSLATOR_REQUIRE_SHARED_DATA=1: a skipped check is no check)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"needs {path} (the shared data directory beside the checkout); not found")
+        message = f"needs {path} (the shared data directory beside the checkout); not found"
+        if os.environ.get("TRANSLATOR_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
     return path
 
 

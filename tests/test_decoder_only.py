@@ -132,6 +132,7 @@ def test_prefix_lm_prompt_is_read_bidirectionally_when_decoding():
 
 # -- Training and using decoder-only models ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_decoder_only_translation_trains_and_translates(toy_run, tmp_path, capsys):
     data_dir, recipe_path = toy_run
     recipe = load_recipe(recipe_path, ["model.arch=decoder_only", "model.preset=lm_tiny", "model.n_decoder_layers=4",
@@ -152,6 +153,7 @@ def test_decoder_only_translation_trains_and_translates(toy_run, tmp_path, capsy
     assert json.loads((tmp_path / "eval" / "valid.json").read_text())["scores"]["BLEU"]["score"] > 20
 
 
+@pytest.mark.slow
 def test_generate_continues_prompts_line_by_line(tmp_path, capsys):
     import random
 

@@ -107,6 +107,7 @@ def logged_losses(run_dir, version="*"):
     return losses
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_exactly(toy_run, tmp_path):
     data_dir, recipe = toy_run
     straight = tmp_path / "straight"
@@ -200,6 +201,7 @@ print("second saved", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     path = tmp_path / "last.ckpt"
     process = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
@@ -287,6 +289,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(toy_model_dir, tmp
 
 # -- Numerical guards ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("poison", ["nan", "inf"])
 def test_a_nan_or_inf_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(toy_run, tmp_path, monkeypatch,
                                                                                             capsys, poison):

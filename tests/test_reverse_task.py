@@ -1,5 +1,6 @@
 """A tiny Transformer learns to reverse sequences on CPU: the whole model, trained end to end."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +23,7 @@ def reverse_batch(n, generator):
     return src, tgt_in, tgt_out
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_to_reverse():
     cfg = ModelConfig.from_name("tiny", vocab_size=VOCAB, d_model=64, d_ff=128, n_heads=4)
     model = build_model(cfg)

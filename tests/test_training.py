@@ -61,6 +61,7 @@ def val_losses(run_dir):
     return [(int(r["step"]), float(r["val/loss"]), float(r["val/bleu"])) for r in rows]
 
 
+@pytest.mark.slow
 def test_training_lowers_validation_loss_and_leaves_a_loadable_run(toy_run, tmp_path):
     import sacrebleu
 
@@ -82,6 +83,7 @@ def test_training_lowers_validation_loss_and_leaves_a_loadable_run(toy_run, tmp_
     assert sacrebleu.corpus_bleu(tokenizer.decode([o[0] for o in out]), [ref]).score > 50
 
 
+@pytest.mark.slow
 def test_resume_continues_to_the_same_weights(toy_run, tmp_path):
     data_dir, recipe_path = toy_run
     straight = fit(load_recipe(recipe_path), tmp_path / "a", data_dir=str(data_dir), max_steps=30, progress_bar=False)
@@ -105,6 +107,7 @@ def test_a_new_run_never_writes_over_files_it_did_not_write(toy_run, tmp_path):
     assert (out / "config.yaml").read_text() == "# my own notes\n" and len(list(out.iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_bit_for_bit(toy_run, tmp_path):
     """Determinism on CPU: the same recipe and seed give identical weights, losses and BLEU; another seed does not."""
     data_dir, recipe_path = toy_run
@@ -118,6 +121,7 @@ def test_same_seed_same_run_bit_for_bit(toy_run, tmp_path):
     assert val_losses(runs[0]) != val_losses(runs[2])
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_through_the_cli(toy_run, tmp_path):
     data_dir, recipe_path = toy_run
     run = tmp_path / "ddp"
@@ -195,6 +199,7 @@ def test_bad_input_is_one_clear_error(toy_run, tmp_path, capsys, breakage, messa
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_language_model_perplexity_falls_on_held_out_text(tmp_path):
     import csv
     import random
@@ -282,6 +287,7 @@ def test_accumulated_batches_give_the_gradient_of_one_batch_holding_them_all():
         torch.testing.assert_close(accumulated[name], together[name], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_compiled_run_saves_and_loads_like_any_other(toy_run, tmp_path, monkeypatch):
     """train.compile: the weights keep their names (a wrapped module's would read model._orig_mod.*, which
     nothing loaded). Dynamo's eager backend stands in for inductor to keep the test short."""
@@ -301,6 +307,7 @@ def test_a_compiled_run_saves_and_loads_like_any_other(toy_run, tmp_path, monkey
     assert read_weights(tmp_path / "wrapped.ckpt").keys() == read_weights(run / "model.safetensors").keys()
 
 
+@pytest.mark.slow
 def test_tokens_per_second_leave_validation_time_out(toy_run, tmp_path, monkeypatch):
     import csv
     import statistics
