@@ -22,11 +22,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
 from common import save_result  # noqa: E402
 from hf_marian import marian_config  # noqa: E402
 
 from translator import ModelConfig, build_model, count_parameters  # noqa: E402
-from translator.data import PAD_ID, TokenBatches, Tokenizer, encode_corpus, load_corpus  # noqa: E402
+from translator.config import load_recipe  # noqa: E402
+from translator.data import PAD_ID, Tokenizer  # noqa: E402
+from translator.store import StoreError, TokenBatches, open_store, prepare  # noqa: E402
 from translator.training import label_smoothed_loss  # noqa: E402
 
 H100_BF16_PEAK = 989e12
@@ -81,19 +84,21 @@ def set_inductor_options(options: list[str]) -> None:
 
 
 def make_batches(data_dir: str, max_tokens: int, n: int, vocab_size: int, device: str) -> tuple[list[dict], int]:
-    corpus = load_corpus("multi30k/train.{lang}.gz", "en", "de", data_dir)
-    tokenizer_dir = Path("runs/throughput_tokenizer")
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    model_file = tokenizer_dir / f"spm{vocab_size}.model"
-    tokenizer = Tokenizer(model_file) if model_file.exists() else \
-        Tokenizer.train(corpus.src + corpus.tgt, model_file, vocab_size)
-    batches = TokenBatches(encode_corpus(corpus, tokenizer, max_len=256), max_tokens, shuffle=True, seed=1)
+    """The first n training batches of Multi30k en-de through the token store (prepared once per vocabulary)."""
+    recipe = load_recipe(ROOT / "recipes/multi30k/en_de.yaml", [f"tokenizer.vocab_size={vocab_size}"])
+    directory = Path(f"runs/throughput_store_{vocab_size}")
+    try:
+        store = open_store(directory, recipe, data_dir)
+    except StoreError:
+        prepare(recipe, data_dir, directory)
+        store = open_store(directory, recipe, data_dir)
+    batches = TokenBatches(store.pairs("train"), max_tokens, shuffle=True, seed=1)
     chosen = []
     for batch in batches:
         chosen.append({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
         if len(chosen) == n:
             break
-    return chosen, tokenizer.vocab_size
+    return chosen, Tokenizer(store.tokenizer_file).vocab_size
 
 
 def time_training(forward, parameters, batches, device: str, dtype) -> list[float]:

@@ -1,12 +1,10 @@
 import gzip
 import json
-import logging
 
 import numpy as np
 import pytest
 
-from translator.data import (BOS_ID, EOS_ID, PAD_ID, Corpus, DataError, TokenBatches, Tokenizer, encode_corpus,
-                             load_corpus, read_lines, read_segments, token_batches)
+from translator.data import BOS_ID, EOS_ID, PAD_ID, DataError, Tokenizer, iter_pairs, load_corpus, read_lines, read_segments
 
 from .conftest import shared_data
 
@@ -44,6 +42,11 @@ def test_parallel_files_must_align(tmp_path):
     write(tmp_path / "train.de", ["x", "y"])
     with pytest.raises(DataError, match=r"train.en has 3 lines but .*train.de has 2.*line 3 has no partner"):
         load_corpus("train.{lang}", "en", "de", tmp_path)
+    write(tmp_path / "train.de", ["x", "y", "z", "w", "v"])  # as a stream: the pairs before come out first
+    pairs = iter_pairs("train.{lang}", "en", "de", tmp_path)
+    assert [next(pairs) for _ in range(3)] == [("a", "x"), ("b", "y"), ("c", "z")]
+    with pytest.raises(DataError, match=r"train.en has 3 lines but .*train.de has 5.*line 4 has no partner"):
+        next(pairs)
 
 
 def test_missing_file_is_named(tmp_path):
@@ -133,94 +136,3 @@ def test_tokenizer_errors_are_clear(tmp_path):
         Tokenizer(tmp_path / "absent.model")
     with pytest.raises(DataError, match="empty corpus"):
         Tokenizer.train(["", ""], tmp_path / "y.model", vocab_size=50)
-
-
-# -- Batching --------------------------------------------------------------------------------------------------
-
-def synthetic(n=500, seed=0):
-    rng = np.random.default_rng(seed)
-    src = [rng.integers(4, 50, rng.integers(1, 30)).astype(np.int32) for _ in range(n)]
-    tgt = [rng.integers(4, 50, rng.integers(1, 30)).astype(np.int32) for _ in range(n)]
-    from translator.data import Encoded
-    return Encoded(src, tgt, np.arange(n))
-
-
-def test_batches_respect_max_tokens_and_cover_every_pair_once():
-    data = synthetic()
-    loader = TokenBatches(data, max_tokens=200, shuffle=True, seed=3)
-    seen = []
-    for batch in loader:
-        B, S = batch["src"].shape
-        T = batch["tgt_in"].shape[1]
-        assert B * max(S, T) <= 200
-        seen.extend(batch["index"].tolist())
-    assert sorted(seen) == list(range(500))
-
-
-def test_batch_contents_teacher_forcing_layout():
-    data = synthetic(20)
-    batch = TokenBatches(data, max_tokens=10_000, shuffle=False).collate(np.array([3, 7]))
-    for row, i in enumerate([3, 7]):
-        s, t = data.src[i].tolist(), data.tgt[i].tolist()
-        assert batch["src"][row, :len(s) + 1].tolist() == s + [EOS_ID]
-        assert batch["tgt_in"][row, :len(t) + 1].tolist() == [BOS_ID] + t
-        assert batch["tgt_out"][row, :len(t) + 1].tolist() == t + [EOS_ID]
-        assert (batch["src"][row, len(s) + 1:] == PAD_ID).all() and (batch["tgt_out"][row, len(t) + 1:] == PAD_ID).all()
-    assert batch["ntokens"] == len(data.tgt[3]) + len(data.tgt[7]) + 2
-
-
-def test_sentences_of_similar_length_share_a_batch():
-    data = synthetic(2000)
-    loader = TokenBatches(data, max_tokens=400, shuffle=True)
-    real = sum(loader.tgt_lens) + sum(loader.src_lens)
-    padded = sum(b["src"].numel() + b["tgt_in"].numel() for b in loader)
-    assert real / padded > 0.85  # random batching would waste about half
-
-
-def test_shuffling_is_seeded_and_changes_per_epoch():
-    data = synthetic()
-    order = lambda seed, epoch: [b.tolist() for b in TokenBatches(data, 200, True, seed=seed).batches(epoch)]
-    assert order(1, 0) == order(1, 0)
-    assert order(1, 0) != order(1, 1)
-    assert order(1, 0) != order(2, 0)
-
-
-def test_resuming_mid_epoch_yields_the_remaining_batches():
-    data = synthetic()
-    loader = TokenBatches(data, 200, True, seed=5)
-    epoch0 = [b["index"].tolist() for b in loader]
-    epoch1 = [(b["position"], b["index"].tolist()) for b in loader]  # a finished pass advances the epoch
-    assert epoch1[0][0] == (1, 0) and [x for _, x in epoch1] != epoch0
-    loader.resume_at = (0, 7)
-    resumed = [(b["position"], b["index"].tolist()) for b in loader]
-    assert resumed[0][0] == (0, 7) and [x for _, x in resumed] == epoch0[7:]
-    assert [b["position"] for b in loader][0] == (1, 0)  # then the next epoch, from its start
-    loader.resume_at = (0, len(epoch0))  # stopped right at the end of epoch 0
-    assert [b["position"] for b in loader][0] == (1, 0)
-
-
-def test_ranks_take_disjoint_equal_shares():
-    data = synthetic()
-    shards = [[b.tolist() for b in TokenBatches(data, 200, True, seed=1, rank=r, world=3).batches(0)] for r in range(3)]
-    assert len({len(s) for s in shards}) == 1
-    flat = [i for s in shards for b in s for i in b]
-    assert len(flat) == len(set(flat))
-
-
-def test_a_sentence_longer_than_max_tokens_gets_its_own_batch():
-    batches = token_batches(np.array([5, 50, 5]), np.array([5, 50, 5]), 20, np.arange(3))
-    assert [b.tolist() for b in batches] == [[0], [1], [2]]
-
-
-def test_overlong_training_pairs_are_dropped_and_counted(caplog, tmp_path):
-    from .conftest import write_toy_corpus
-
-    toy = write_toy_corpus(tmp_path, n_train=500) / "toy"
-    tokenizer = Tokenizer.train(read_lines(toy / "train.en") + read_lines(toy / "train.de"), tmp_path / "spm.model",
-                                vocab_size=300)
-    corpus = Corpus(["short one", "word " * 100, "another short"], ["kurz", "wort " * 3, "noch kurz"], "toy")
-    with caplog.at_level(logging.WARNING, logger="translator.data"):
-        encoded = encode_corpus(corpus, tokenizer, max_len=50)
-    assert encoded.index.tolist() == [0, 2]
-    assert "dropped 1 of 3 pairs longer than 50 tokens" in caplog.text
-    assert len(encode_corpus(corpus, tokenizer)) == 3  # evaluation sets keep everything

@@ -1,4 +1,4 @@
-"""The `translator` command: train, translate, score, evaluate, average.
+"""The `translator` command: train, prepare, translate, score, evaluate, average, export, generate.
 
 Errors print as one line (`translator: error: ...`) with a non-zero exit; `--debug` shows the traceback.
 """
@@ -18,6 +18,7 @@ log = logging.getLogger("translator")
 
 EXAMPLES = {
     "train": "translator train --config recipes/multi30k/en_de.yaml --data-dir ../shared/data --out runs/en_de",
+    "prepare": "translator prepare --config recipes/wmt14/en_de_base.yaml --data-dir data --out prepared/wmt14_en_de",
     "translate": "translator translate --model runs/en_de -i test.en -o test.hyp.de --beam 4",
     "score": "translator score --hyp test.hyp.de --ref test.de --metrics bleu chrf",
     "evaluate": "translator evaluate --model runs/en_de --split test --data-dir ../shared/data",
@@ -48,12 +49,39 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         if not args.resume:
             raise ValueError("train needs --config RECIPE.yaml (or --resume with --out RUN_DIR)")
         args.config = str(run_dir / "config.yaml")
+    if args.prepared:
+        overrides = [*overrides, f"data.prepared={args.prepared}"]
     recipe = load_recipe(args.config, overrides)
     accelerator = {"auto": None, "cpu": "cpu", "cuda": "gpu"}[args.device]
     fit(recipe, run_dir, data_dir=args.data_dir, resume=args.resume, max_steps=args.max_steps,
         max_minutes=args.max_minutes, accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes,
         strategy=args.strategy, progress_bar=not args.no_progress and sys.stderr.isatty())
     print(f"run directory: {run_dir}")
+    return 0
+
+
+# -- prepare -----------------------------------------------------------------------------------------------------
+
+def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    import time
+
+    from .config import load_recipe
+    from .store import StoreError, open_store, prepare
+
+    recipe = load_recipe(args.config, overrides)
+    out = Path(args.out)
+    try:
+        open_store(out, recipe, args.data_dir)
+        print(f"{out}: already prepared from these corpora with these settings; nothing to do")
+        return 0
+    except StoreError:
+        pass
+    start = time.perf_counter()
+    manifest = prepare(recipe, args.data_dir, out, tokenizer_file=args.tokenizer, chunk=args.chunk_pairs,
+                       threads=args.threads)
+    train = manifest["splits"]["train"]
+    print(f"prepared {out}: {train.get('pairs', train.get('lines'))} training {'pairs' if 'pairs' in train else 'lines'} "
+          f"of {train['read']} read, in {time.perf_counter() - start:.1f}s (tokenizer {manifest['seconds']['tokenizer_s']}s)")
     return 0
 
 
@@ -445,10 +473,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", help="devices per node, e.g. 2 or auto (Lightning)")
     p.add_argument("--num-nodes", type=int, help="number of nodes (Lightning)")
     p.add_argument("--strategy", help="Lightning strategy: auto, ddp, fsdp, ...")
+    p.add_argument("--prepared", help="a token store written by translator prepare (default: train prepares one "
+                                      "into RUN/data, or reuses it there)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true",
                    help="log lines instead of a progress bar (the default when stderr is not a terminal)")
     p.set_defaults(func=cmd_train)
+
+    p = command("prepare", "tokenize a recipe's corpora once into a memory-mapped token store",
+                "Read the recipe's training and validation corpora as streams, train the sentencepiece model on a\n"
+                "bounded sample, tokenize in chunks, apply the length filters, and write a token store that every\n"
+                "rank of a run memory-maps (train --prepared). Recipe values can be overridden as in train.")
+    p.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("--data-dir", help="directory that the recipe's corpus paths are relative to")
+    p.add_argument("--out", required=True, help="the store directory (replaced only if it holds a store)")
+    p.add_argument("--tokenizer", help="use this sentencepiece model instead of training one")
+    p.add_argument("--chunk-pairs", type=int, default=50_000, help="pairs tokenized at a time (bounds memory)")
+    p.add_argument("--threads", type=int, help="sentencepiece encoding threads (default: every core)")
+    p.set_defaults(func=cmd_prepare)
 
     p = command("translate", "translate a file (or stdin) line by line",
                 "Translate one sentence per line. Writes exactly one line per input line, in input order\n"
@@ -546,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if a not in overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command != "train":
-        parser.error(f"recipe overrides ({overrides[0]}) only apply to train")
+    if overrides and args.command not in ("train", "prepare"):
+        parser.error(f"recipe overrides ({overrides[0]}) only apply to train and prepare")
     if getattr(args, "devices", None) not in (None, "auto"):
         try:
             args.devices = int(args.devices)

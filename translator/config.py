@@ -156,7 +156,13 @@ class DataConfig:
     valid: str | dict | None = None
     test: str | dict | None = None
     max_len: int = 256  # training pairs with a side longer than this (in tokens) are dropped, and counted
+    # Training pairs whose longer side has more than max_ratio times the tokens of the shorter are dropped and
+    # counted (Moses clean-corpus-n's filter; fairseq's WMT14 script uses 1.5). 0: off.
+    max_ratio: float = 0.0
     block_size: int = 128  # lm: tokens per training sequence; lines are packed into blocks
+    # A token store written by `translator prepare` (train --prepared sets it); None: train prepares one into
+    # the run directory.
+    prepared: str | None = None
 
 
 @dataclass
@@ -275,6 +281,8 @@ class Recipe:
             (d.max_len_a >= 0 and d.max_len_b >= 0 and (d.max_len_a, d.max_len_b) != (0, 0),
              f"decode.max_len_a={d.max_len_a}, max_len_b={d.max_len_b}: the output limit a * source length + b "
              "needs a, b >= 0, not both 0"),
+            (self.data.max_ratio == 0 or self.data.max_ratio >= 1,
+             f"data.max_ratio={self.data.max_ratio}: must be at least 1 (or 0: no ratio filter)"),
             (t.val_every >= 0, f"train.val_every={t.val_every} must not be negative (0: once per epoch)"),
             (self.tokenizer.vocab_size >= 8, f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small"),
             (t.adam_betas is None or (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas)),

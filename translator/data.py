@@ -1,9 +1,8 @@
-"""From raw parallel text to batches: corpora, sentencepiece, and batching by tokens.
+"""Raw text in: corpora as streams, and sentencepiece.
 
 Corpora come from local line-aligned files (plain or .gz), IWSLT xml / WMT sgm test files, or a
-Hugging Face `datasets` name (or a local `datasets` directory: the same code path). Every error names
-the file and line. Batches hold up to `max_tokens` tokens, padding included, from sentences of similar
-length, shuffled per epoch under a seed, and can resume in the middle of an epoch.
+Hugging Face `datasets` name (or a local `datasets` directory: the same code path, streamed). Every error
+names the file and line. `store.py` turns them into the token store that training reads.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import itertools
 import logging
 import os
 import re
@@ -36,12 +36,12 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def read_lines(path: str | os.PathLike, strip: bool = True) -> list[str]:
-    """Lines of a UTF-8 text file, plain or .gz, without line endings (and stripped, by default)."""
+def iter_lines(path: str | os.PathLike, strip: bool = True) -> Iterator[str]:
+    """Lines of a UTF-8 text file, plain or .gz, read as a stream, without line endings (and stripped, by
+    default). Bad bytes stop it with the file and line named."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    lines = []
     try:
         with _open_binary(path) as f:
             for number, raw in enumerate(f, 1):
@@ -51,30 +51,41 @@ def read_lines(path: str | os.PathLike, strip: bool = True) -> list[str]:
                     raise DataError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
                                     f"{e.start + 1})") from None
                 line = line.rstrip("\r\n")
-                lines.append(line.strip() if strip else line)
+                yield line.strip() if strip else line
     except (gzip.BadGzipFile, EOFError, OSError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
-    return lines
+
+
+def read_lines(path: str | os.PathLike, strip: bool = True) -> list[str]:
+    return list(iter_lines(path, strip))
 
 
 _SEGMENT = re.compile(r"<seg[^>]*>(.*)</seg>", re.IGNORECASE)
 
 
-def read_segments(path: str | os.PathLike) -> list[str]:
+def iter_segments(path: str | os.PathLike) -> Iterator[str]:
     """The <seg> texts of an IWSLT xml or WMT sgm file, whitespace collapsed (as sacrebleu reads them)."""
-    segments = []
-    for line in read_lines(path):
+    found = False
+    for line in iter_lines(path):
         match = _SEGMENT.search(line)
         if match:
-            segments.append(" ".join(match.group(1).split()))
-    if not segments:
+            found = True
+            yield " ".join(match.group(1).split())
+    if not found:
         raise DataError(f"{path}: no <seg> elements found")
-    return segments
+
+
+def read_segments(path: str | os.PathLike) -> list[str]:
+    return list(iter_segments(path))
+
+
+def iter_text(path: str | os.PathLike) -> Iterator[str]:
+    name = str(path)
+    return iter_segments(path) if name.endswith((".xml", ".sgm", ".xml.gz", ".sgm.gz")) else iter_lines(path)
 
 
 def read_text(path: str | os.PathLike) -> list[str]:
-    name = str(path)
-    return read_segments(path) if name.endswith((".xml", ".sgm", ".xml.gz", ".sgm.gz")) else read_lines(path)
+    return list(iter_text(path))
 
 
 # -- Corpora ---------------------------------------------------------------------------------------------------
@@ -100,60 +111,110 @@ def resolve_files(spec: str, src_lang: str, tgt_lang: str, data_dir: str | os.Pa
     return (src if src.is_absolute() else base / src), (tgt if tgt.is_absolute() else base / tgt)
 
 
-def load_corpus(spec: str | dict[str, Any], src_lang: str, tgt_lang: str,
-                data_dir: str | os.PathLike | None = None) -> Corpus:
-    """Read a parallel corpus from a file pattern or a `datasets` spec {hub: NAME, config: C, split: S}."""
+def corpus_files(spec: str | dict[str, Any], langs: Sequence[str], data_dir: str | os.PathLike | None) -> list[Path]:
+    """The files a corpus spec reads (none for a `datasets` spec), checked to exist."""
     if isinstance(spec, dict):
-        return load_hub_corpus(spec, src_lang, tgt_lang)
-    src_path, tgt_path = resolve_files(spec, src_lang, tgt_lang, data_dir)
-    missing = [str(p) for p in (src_path, tgt_path) if not p.is_file()]
+        return []
+    if len(langs) == 1:  # monolingual: {lang} optional
+        path = Path(spec.replace("{lang}", langs[0]))
+        paths = [path if path.is_absolute() or data_dir is None else Path(data_dir) / path]
+    else:
+        paths = list(resolve_files(spec, langs[0], langs[1], data_dir))
+    missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"corpus {spec!r}: missing file(s) {', '.join(missing)}"
                         + ("" if data_dir is None else f" (data directory: {data_dir})"))
-    src, tgt = read_text(src_path), read_text(tgt_path)
-    if len(src) != len(tgt):
-        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: the files must be "
-                        f"line-aligned (line {min(len(src), len(tgt)) + 1} has no partner)")
-    if not src:
+    return paths
+
+
+def iter_pairs(spec: str | dict[str, Any], src_lang: str, tgt_lang: str,
+               data_dir: str | os.PathLike | None = None) -> Iterator[tuple[str, str]]:
+    """(source, target) lines of a parallel corpus, as a stream: a file pattern (plain, .gz, IWSLT xml, WMT sgm)
+    or a `datasets` spec {hub: NAME, config: C, split: S}. Misaligned or empty corpora stop it, named."""
+    if isinstance(spec, dict):
+        yield from iter_hub_pairs(spec, src_lang, tgt_lang)
+        return
+    src_path, tgt_path = corpus_files(spec, (src_lang, tgt_lang), data_dir)
+    src, tgt = iter_text(src_path), iter_text(tgt_path)
+    n = 0
+    for n, (s, t) in enumerate(itertools.zip_longest(src, tgt), 1):
+        if s is None or t is None:  # one side ended: count the rest of the other for the message
+            longer = sum(1 for _ in (tgt if s is None else src)) + n
+            lengths = (n - 1, longer) if s is None else (longer, n - 1)
+            raise DataError(f"{src_path} has {lengths[0]} lines but {tgt_path} has {lengths[1]}: the files must be "
+                            f"line-aligned (line {n} has no partner)")
+        yield s, t
+    if n == 0:
         raise DataError(f"{src_path}: empty corpus")
-    return Corpus(src, tgt, name=str(src_path))
+
+
+def load_corpus(spec: str | dict[str, Any], src_lang: str, tgt_lang: str,
+                data_dir: str | os.PathLike | None = None) -> Corpus:
+    """A whole parallel corpus in memory (for evaluation sets; training data goes through store.prepare)."""
+    pairs = list(iter_pairs(spec, src_lang, tgt_lang, data_dir))
+    name = _hub_name(spec) if isinstance(spec, dict) else str(resolve_files(spec, src_lang, tgt_lang, data_dir)[0])
+    return Corpus([s for s, _ in pairs], [t for _, t in pairs], name=name)
 
 
 HUB_KEYS = {"hub", "config", "split", "revision"}
 
 
-def load_hub_corpus(spec: dict[str, Any], src_lang: str, tgt_lang: str) -> Corpus:
-    """A corpus through Hugging Face `datasets`: a hub name (e.g. wmt14 with config de-en) or a local
-    directory of json/csv/parquet files. Rows are {"translation": {src: .., tgt: ..}} or columns src, tgt."""
+def _hub_name(spec: dict[str, Any]) -> str:
+    return f"datasets corpus {spec['hub']!r} split {spec.get('split', 'train')!r}"
+
+
+def iter_hub_pairs(spec: dict[str, Any], src_lang: str, tgt_lang: str) -> Iterator[tuple[str, str]]:
+    """A corpus through Hugging Face `datasets` with streaming=True (rows arrive one at a time; no table is held
+    in memory): a hub name (e.g. wmt14 with config de-en) or a local directory of json/csv/parquet files. Rows
+    are {"translation": {src: .., tgt: ..}} or columns src, tgt (both "text" for monolingual text)."""
     unknown = set(spec) - HUB_KEYS
     if unknown or "hub" not in spec:
         raise DataError(f"corpus {spec}: a datasets corpus takes keys {sorted(HUB_KEYS)} with 'hub' required")
     import datasets  # imported here: slow to import, and only this path needs it
 
-    name, split = spec["hub"], spec.get("split", "train")
+    name, split, where = spec["hub"], spec.get("split", "train"), _hub_name(spec)
     try:
-        table = datasets.load_dataset(name, spec.get("config"), split=split, revision=spec.get("revision"))
+        rows = iter(datasets.load_dataset(name, spec.get("config"), split=split, revision=spec.get("revision"),
+                                          streaming=True))
+        first = next(rows, None)
     except Exception as e:  # datasets raises many types; keep its message, name the corpus
-        raise DataError(f"datasets corpus {name!r} (config {spec.get('config')!r}, split {split!r}): {e}") from None
-    where = f"datasets corpus {name!r} split {split!r}"
-    if "translation" in table.column_names:
-        pairs = table["translation"]
-        try:
-            src, tgt = [p[src_lang] for p in pairs], [p[tgt_lang] for p in pairs]
-        except KeyError as e:
-            raise DataError(f"{where}: translation rows have no language {e}; found {sorted(pairs[0])}") from None
-    elif src_lang in table.column_names and tgt_lang in table.column_names:
-        src, tgt = table[src_lang], table[tgt_lang]
+        raise DataError(f"datasets corpus {name!r} (config {spec.get('config')!r}, split {split!r}): "
+                        f"{' '.join(str(e).split())}") from None
+    if first is None:
+        raise DataError(f"{where}: empty corpus")
+    if "translation" in first:
+        pick = lambda row: (row["translation"][src_lang], row["translation"][tgt_lang])
+        if not {src_lang, tgt_lang} <= set(first["translation"]):
+            raise DataError(f"{where}: translation rows have no language {src_lang!r} or {tgt_lang!r}; found "
+                            f"{sorted(first['translation'])}")
+    elif src_lang in first and tgt_lang in first:
+        pick = lambda row: (row[src_lang], row[tgt_lang])
     else:
         raise DataError(f"{where}: needs a 'translation' column or columns {src_lang!r} and {tgt_lang!r}; "
-                        f"found {table.column_names}")
-    for side, lines in (("source", src), ("target", tgt)):
-        for i, line in enumerate(lines):
+                        f"found {sorted(first)}")
+    for i, row in enumerate(itertools.chain([first], rows)):
+        try:
+            s, t = pick(row)
+        except (KeyError, TypeError):
+            raise DataError(f"{where}: row {i} has no {src_lang!r}/{tgt_lang!r} text") from None
+        for side, line in (("source", s), ("target", t)):
             if not isinstance(line, str):
                 raise DataError(f"{where}: row {i} {side} is {type(line).__name__}, not text")
-    if not src:
-        raise DataError(f"{where}: empty corpus")
-    return Corpus([s.strip() for s in src], [t.strip() for t in tgt], name=where)
+        yield s.strip(), t.strip()
+
+
+def iter_text_lines(spec: str | dict[str, Any], lang: str, data_dir: str | os.PathLike | None = None) -> Iterator[str]:
+    """Monolingual lines (task lm): a file pattern ({lang} optional) relative to data_dir, or a datasets spec
+    whose rows have a 'text' column."""
+    if isinstance(spec, dict):
+        yield from (s for s, _ in iter_hub_pairs(spec, "text", "text"))
+        return
+    (path,) = corpus_files(spec, (lang,), data_dir)
+    n = 0
+    for n, line in enumerate(iter_text(path), 1):
+        yield line
+    if n == 0:
+        raise DataError(f"{path}: empty corpus")
 
 
 # -- Sentencepiece ---------------------------------------------------------------------------------------------
@@ -180,8 +241,8 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, lines: Sequence[str]) -> list[list[int]]:
-        return self.sp.encode(list(lines))
+    def encode(self, lines: Sequence[str], threads: int | None = None) -> list[list[int]]:
+        return self.sp.encode(list(lines), num_threads=threads or os.cpu_count() or 1)
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return [self.sp.decode(list(x)) for x in ids]
@@ -236,200 +297,3 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)
-
-
-# -- Batching by tokens ------------------------------------------------------------------------------------
-
-@dataclass
-class Encoded:
-    """A tokenized parallel corpus (no BOS/EOS yet), with the indices of the lines kept."""
-
-    src: list[np.ndarray]
-    tgt: list[np.ndarray]
-    index: np.ndarray  # line number in the original corpus of each pair
-
-    def __len__(self) -> int:
-        return len(self.src)
-
-
-def encode_corpus(corpus: Corpus, tokenizer: Tokenizer, max_len: int | None = None) -> Encoded:
-    """Tokenize; with max_len, drop (and count in the log) training pairs whose either side, with its
-    EOS/BOS, is longer than max_len tokens. Evaluation sets are never filtered (max_len=None)."""
-    src, tgt = tokenizer.encode(corpus.src), tokenizer.encode(corpus.tgt)
-    keep = [i for i in range(len(src)) if max_len is None or (len(src[i]) < max_len and len(tgt[i]) < max_len)]
-    dropped = len(src) - len(keep)
-    if dropped:
-        log.warning("%s: dropped %d of %d pairs longer than %d tokens", corpus.name, dropped, len(src), max_len)
-    if not keep:
-        raise DataError(f"{corpus.name}: no pair is shorter than max_len={max_len} tokens")
-    as_array = lambda ids: np.asarray(ids, dtype=np.int32)
-    return Encoded([as_array(src[i]) for i in keep], [as_array(tgt[i]) for i in keep], np.asarray(keep))
-
-
-def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, order: np.ndarray) -> list[np.ndarray]:
-    """Cut `order` into consecutive batches whose padded size, batch size x longest side, fits max_tokens.
-    A sentence longer than max_tokens alone gets a batch of its own."""
-    batches, start, longest = [], 0, 0
-    lengths = np.maximum(src_lens, tgt_lens)[order]
-    for i, n in enumerate(lengths):
-        if i > start and max(longest, n) * (i - start + 1) > max_tokens:
-            batches.append(order[start:i])
-            start, longest = i, 0
-        longest = max(longest, n)
-    if start < len(order):
-        batches.append(order[start:])
-    return batches
-
-
-class ResumableBatches:
-    """An iterable of batches for Lightning, shuffled per epoch under a seed, resumable mid-epoch.
-
-    Each batch carries its `position`, (epoch, index). The epoch advances when a pass is exhausted (not when
-    Lightning says so: a run stopped by max_steps ends Lightning's epoch early). A run killed mid-epoch saves
-    the position after the last batch it trained; `resume_at` set to it makes the next pass continue from
-    there (the batches themselves are a pure function of seed and epoch). Subclasses say what the batches
-    of an epoch are (`batches`) and how one is built (`collate`)."""
-
-    shuffle: bool
-
-    def __init__(self, shuffle: bool, seed: int, rank: int, world: int):
-        self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
-        self.epoch = 0
-        self.resume_at: tuple[int, int] | None = None
-
-    def batches(self, epoch: int) -> list[np.ndarray]:
-        raise NotImplementedError
-
-    def collate(self, indices: np.ndarray) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _shard(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """Each rank takes every world-th batch; the count is trimmed so that every rank gets as many."""
-        usable = len(batches) - len(batches) % self.world if self.shuffle else len(batches)
-        return batches[:usable][self.rank::self.world]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.batches(self.epoch))
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        start = 0
-        if self.resume_at is not None:
-            self.epoch, start = self.resume_at
-            self.resume_at = None
-        batches = self.batches(self.epoch)
-        if start >= len(batches):  # the run stopped exactly at the end of a pass
-            self.epoch, start, batches = self.epoch + 1, 0, self.batches(self.epoch + 1)
-        for index in range(start, len(batches)):
-            batch = self.collate(batches[index])
-            batch["position"] = (self.epoch, index)
-            yield batch
-        if self.shuffle:
-            self.epoch += 1
-
-
-class TokenBatches(ResumableBatches):
-    """Padded translation batches: {"src", "tgt_in", "tgt_out", "index", "ntokens", "position"}.
-
-    Training (shuffle=True): a seeded permutation, then a stable sort by length, so that sentences of
-    similar length share a batch with random ties; the batch order is shuffled again per epoch.
-    Evaluation (shuffle=False): sorted by length, the same batches every time; `index` restores line order."""
-
-    def __init__(self, data: Encoded, max_tokens: int, shuffle: bool, seed: int = 1, rank: int = 0, world: int = 1,
-                 joint: bool = False):
-        super().__init__(shuffle, seed, rank, world)
-        self.data, self.max_tokens, self.joint = data, max_tokens, joint
-        self.src_lens = np.array([len(s) + 1 for s in data.src])  # + EOS
-        self.tgt_lens = np.array([len(t) + 1 for t in data.tgt])  # + BOS (input) or EOS (output)
-        if joint:  # decoder-only translation: one sequence BOS source EOS target (EOS)
-            self.src_lens = self.tgt_lens = self.src_lens + self.tgt_lens
-
-    def batches(self, epoch: int) -> list[np.ndarray]:
-        if not self.shuffle:
-            order = np.lexsort((self.tgt_lens, self.src_lens))
-            return self._shard(token_batches(self.src_lens, self.tgt_lens, self.max_tokens, order))
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.src_lens))
-        order = order[np.lexsort((self.src_lens[order], self.tgt_lens[order]))]  # stable: ties stay random
-        batches = token_batches(self.src_lens, self.tgt_lens, self.max_tokens, order)
-        rng.shuffle(batches)
-        return self._shard(batches)
-
-    def collate(self, indices: np.ndarray) -> dict[str, Any]:
-        src = [self.data.src[i] for i in indices]
-        tgt = [self.data.tgt[i] for i in indices]
-        S, T = max(len(s) for s in src) + 1, max(len(t) for t in tgt) + 1
-        src_ids = np.full((len(indices), S), PAD_ID, dtype=np.int64)
-        tgt_in = np.full((len(indices), T), PAD_ID, dtype=np.int64)
-        tgt_out = np.full((len(indices), T), PAD_ID, dtype=np.int64)
-        for row, (s, t) in enumerate(zip(src, tgt)):
-            src_ids[row, :len(s)], src_ids[row, len(s)] = s, EOS_ID
-            tgt_in[row, 0], tgt_in[row, 1:len(t) + 1] = BOS_ID, t
-            tgt_out[row, :len(t)], tgt_out[row, len(t)] = t, EOS_ID
-        batch = {"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tgt_in),
-                 "tgt_out": torch.from_numpy(tgt_out), "index": torch.from_numpy(self.data.index[indices]),
-                 "ntokens": int(sum(len(t) + 1 for t in tgt))}
-        return self._joint(batch, src, tgt) if self.joint else batch
-
-    @staticmethod
-    def _joint(batch: dict[str, Any], src: list[np.ndarray], tgt: list[np.ndarray]) -> dict[str, Any]:
-        """Decoder-only translation: inputs BOS source EOS target, predicting the target and its EOS only
-        (EOS separates the two sides). `prefix_len` covers BOS, source and separator; `src` stays for decoding."""
-        T = max(len(s) + len(t) + 2 for s, t in zip(src, tgt))
-        tokens_in = np.full((len(src), T), PAD_ID, dtype=np.int64)
-        tokens_out = np.full((len(src), T), PAD_ID, dtype=np.int64)
-        prefix_len = np.zeros(len(src), dtype=np.int64)
-        for row, (s, t) in enumerate(zip(src, tgt)):
-            seq = np.concatenate([[BOS_ID], s, [EOS_ID], t, [EOS_ID]])
-            tokens_in[row, :len(seq) - 1] = seq[:-1]
-            tokens_out[row, len(s) + 1:len(seq) - 1] = seq[len(s) + 2:]
-            prefix_len[row] = len(s) + 2
-        batch.update(tgt_in=torch.from_numpy(tokens_in), tgt_out=torch.from_numpy(tokens_out),
-                     prefix_len=torch.from_numpy(prefix_len))
-        return batch
-
-
-# -- Language modelling: lines packed into fixed-length blocks -------------------------------------------------
-
-def load_text(spec: str | dict[str, Any], lang: str, data_dir: str | os.PathLike | None = None) -> list[str]:
-    """Monolingual lines: a file pattern ({lang} optional) relative to data_dir, or a datasets spec whose rows
-    have a 'text' column."""
-    if isinstance(spec, dict):
-        corpus = load_hub_corpus(spec, "text", "text")
-        return corpus.src
-    path = Path(spec.replace("{lang}", lang))
-    path = path if path.is_absolute() or data_dir is None else Path(data_dir) / path
-    lines = read_text(path)
-    if not any(lines):
-        raise DataError(f"{path}: empty corpus")
-    return lines
-
-
-def pack_blocks(token_lines: Sequence[Sequence[int]], block_size: int) -> np.ndarray:
-    """Concatenate lines, each closed by EOS, and cut the stream into rows of block_size + 1 tokens (inputs
-    and next-token targets overlap by one); the ragged tail is dropped."""
-    stream = np.fromiter((t for line in token_lines for t in (*line, EOS_ID)), dtype=np.int64)
-    n = (len(stream) - 1) // block_size
-    if n < 1:
-        raise DataError(f"corpus of {len(stream)} tokens is shorter than one block of {block_size + 1}")
-    return np.lib.stride_tricks.sliding_window_view(stream, block_size + 1)[::block_size][:n].copy()
-
-
-class BlockBatches(ResumableBatches):
-    """Batches of packed blocks for next-token prediction: {"tgt_in", "tgt_out", "ntokens", "position"}."""
-
-    def __init__(self, blocks: np.ndarray, max_tokens: int, shuffle: bool, seed: int = 1, rank: int = 0, world: int = 1):
-        super().__init__(shuffle, seed, rank, world)
-        self.blocks = blocks
-        self.per_batch = max(1, max_tokens // (blocks.shape[1] - 1))
-
-    def batches(self, epoch: int) -> list[np.ndarray]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks)) if self.shuffle \
-            else np.arange(len(self.blocks))
-        return self._shard([order[i:i + self.per_batch] for i in range(0, len(order), self.per_batch)])
-
-    def collate(self, indices: np.ndarray) -> dict[str, Any]:
-        rows = torch.from_numpy(self.blocks[np.sort(indices)])
-        return {"tgt_in": rows[:, :-1], "tgt_out": rows[:, 1:], "ntokens": int(rows[:, 1:].numel())}

@@ -26,8 +26,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from .checkpoint import (CHECKPOINTS, CONFIG, TOKENIZER, AtomicCheckpointIO, CheckpointError, check_readable,
                          export_weights, read_recipe, write_recipe)
 from .config import Recipe
-from .data import (BlockBatches, Corpus, ResumableBatches, TokenBatches, Tokenizer, encode_corpus, load_corpus,
-                   load_text, pack_blocks)
+from .data import Tokenizer
+from .store import MANIFEST, BlockBatches, ResumableBatches, Store, StoreError, TokenBatches, open_store, prepare
 from .inference import translate_ids
 from .model import build_model
 
@@ -280,6 +280,30 @@ class LogLines(Callback):
                      float(m["val/ppl"]), bleu)
 
 
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (Linux reports it in KiB, macOS in bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+class StartupReport(Callback):
+    """One line per rank at its first training step: how long the start took and the memory it holds, the two
+    costs that grow with the corpus when data is not memory-mapped."""
+
+    def __init__(self) -> None:
+        self.start, self.done = time.perf_counter(), False
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.done:
+            self.done = True
+            log.info("rank %d: first training step %.1fs after the start of training; peak memory %.0f MB",
+                     trainer.global_rank, time.perf_counter() - self.start, peak_memory_mb())
+
+
 class PeriodicCheckpoints(ModelCheckpoint):
     """step{N}.ckpt every `every` steps, the newest `keep` kept, last.ckpt a link to the newest; at the end of
     training last.ckpt saved as it is then (also when stopped mid-interval by max_steps or max_minutes).
@@ -331,7 +355,7 @@ def _check_new_run_dir(run_dir: Path) -> None:
         return
     if any(run_dir.glob(f"{CHECKPOINTS}/*.ckpt")):
         raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    ours = {CONFIG, TOKENIZER, CHECKPOINTS, "logs", "tensorboard"}
+    ours = {CONFIG, TOKENIZER, CHECKPOINTS, DATA, "logs", "tensorboard"}
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in ours)
     config = run_dir / CONFIG
     if config.is_file() and "format_version:" not in config.read_text(encoding="utf-8", errors="replace"):
@@ -357,66 +381,74 @@ def _wait_for(path: Path, seconds: float = 3600) -> None:
         time.sleep(1)
 
 
-def prepare_run(recipe: Recipe, run_dir: Path, data_dir: str | None, resume: bool) -> tuple[Recipe, Tokenizer, Any, Any]:
-    """Read the training and validation data; train the tokenizer (or reuse the run's); fill the vocabulary
-    size; write config.yaml. Returns the data as read: Corpus objects, or lists of lines for task lm."""
+DATA = "data"  # the store a run prepares for itself, inside its directory
+
+
+def open_run_data(recipe: Recipe, run_dir: Path, data_dir: str | None, resume: bool) -> tuple[Recipe, Store]:
+    """The run's token store, prepared if need be, and its tokenizer in the run directory; fills the
+    vocabulary size and writes config.yaml. With data.prepared, every rank memory-maps that store. Without,
+    rank 0 prepares one into RUN/data (a resume reuses it) while the other ranks wait for its manifest."""
     d = recipe.data
     if d.train is None:
         raise ValueError("the recipe names no training corpus (data.train)")
     first = _rank() == 0
-    tokenizer_file = run_dir / TOKENIZER
     if resume:
         saved = read_recipe(run_dir)
         recipe.model.vocab_size = saved.model.vocab_size
         if saved.model != recipe.model:
             raise CheckpointError(f"{run_dir}: the recipe's model differs from the run's {run_dir / 'config.yaml'}; "
                                   "resume with the same model settings")
-    if d.task == "lm":
-        train = load_text(d.train, d.tgt_lang, data_dir)
-        valid = load_text(d.valid, d.tgt_lang, data_dir) if d.valid is not None else None
-        texts = train
+    if d.prepared is not None:
+        d.prepared = str(Path(d.prepared).resolve())
+        store = open_store(d.prepared, recipe, data_dir)
     else:
-        train = load_corpus(d.train, d.src_lang, d.tgt_lang, data_dir)
-        valid = load_corpus(d.valid, d.src_lang, d.tgt_lang, data_dir) if d.valid is not None else None
-        texts = train.src + train.tgt
-    if not tokenizer_file.is_file():
-        if first:
-            tk = recipe.tokenizer
-            log.info("training a %d-piece %s sentencepiece model on %d lines", tk.vocab_size, tk.type, len(texts))
-            Tokenizer.train(texts, tokenizer_file, tk.vocab_size, tk.type, tk.character_coverage, tk.max_sentences,
-                            seed=recipe.train.seed)
-        else:
-            _wait_for(tokenizer_file)
-    tokenizer = Tokenizer(tokenizer_file)
-    recipe.model.vocab_size = tokenizer.vocab_size
+        own = run_dir / DATA
+        if first and not resume and (own / MANIFEST).is_file():
+            try:  # left by a start that wrote no checkpoint: reused if it still fits the recipe and corpora
+                open_store(own, recipe, data_dir)
+            except StoreError as e:
+                log.info("preparing the data again: %s", e)
+                prepare(recipe, data_dir, own)
+        elif first and not (own / MANIFEST).is_file():
+            prepare(recipe, data_dir, own)
+        elif not first:
+            _wait_for(own / MANIFEST)
+        # A resumed run reads the store it trained on, even without the corpus files (no --data-dir).
+        store = open_store(own, recipe, data_dir)
+    tokenizer_file = run_dir / TOKENIZER
+    if first and not tokenizer_file.is_file():
+        shutil.copyfile(store.tokenizer_file, tokenizer_file)
+    elif first and tokenizer_file.read_bytes() != store.tokenizer_file.read_bytes():
+        raise CheckpointError(f"{tokenizer_file}: not the sentencepiece model of the store {store.directory}")
+    recipe.model.vocab_size = Tokenizer(store.tokenizer_file).vocab_size
     recipe.model.validate()
     if first:
         write_recipe(recipe, run_dir)
-    return recipe, tokenizer, train, valid
+    return recipe, store
 
 
-def _loaders(recipe: Recipe, tokenizer: Tokenizer, train: Any, valid: Any):
-    """Tokenize once; return factories (rank, world) -> loader for training and validation, and the
+def _loaders(recipe: Recipe, store: Store):
+    """Factories (rank, world) -> loader for training and validation over the memory-mapped store, and the
     validation references (translation) for BLEU."""
     t, d = recipe.train, recipe.data
     if d.task == "lm":
-        train_blocks = pack_blocks(tokenizer.encode(train), d.block_size)
-        valid_blocks = pack_blocks(tokenizer.encode(valid), d.block_size) if valid is not None else None
-        make_train = lambda rank, world: BlockBatches(train_blocks, t.max_tokens, True, t.seed, rank, world)
-        make_valid = None if valid_blocks is None else \
-            (lambda rank, world: BlockBatches(valid_blocks, t.max_tokens, False, rank=rank, world=world))
-        return make_train, make_valid, []
+        train = store.stream("train")
+        make_train = lambda rank, world: BlockBatches(train, d.block_size, t.max_tokens, True, t.seed, rank, world)
+        if not store.has("valid"):
+            return make_train, None, []
+        valid = store.stream("valid")
+        return make_train, (lambda rank, world: BlockBatches(valid, d.block_size, t.max_tokens, False, rank=rank,
+                                                             world=world)), []
     joint = recipe.model.arch == "decoder_only"  # translation as one sequence: source EOS target
-    limit = recipe.model.max_positions // 2 if joint else recipe.model.max_positions
-    train_enc = encode_corpus(train, tokenizer, max_len=min(d.max_len, limit))
-    make_train = lambda rank, world: TokenBatches(train_enc, t.max_tokens, True, t.seed, rank, world, joint)
-    if valid is None:
+    train = store.pairs("train")
+    make_train = lambda rank, world: TokenBatches(train, t.max_tokens, True, t.seed, rank, world, joint)
+    if not store.has("valid"):
         return make_train, None, []
+    valid = store.pairs("valid")
     n = t.val_max_sentences or len(valid)
-    valid = Corpus(valid.src[:n], valid.tgt[:n], valid.name)
-    valid_enc = encode_corpus(valid, tokenizer)
-    make_valid = lambda rank, world: TokenBatches(valid_enc, t.max_tokens, False, rank=rank, world=world, joint=joint)
-    return make_train, make_valid, valid.tgt
+    valid = valid.head(n)
+    make_valid = lambda rank, world: TokenBatches(valid, t.max_tokens, False, rank=rank, world=world, joint=joint)
+    return make_train, make_valid, store.references()[:n]
 
 
 def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None, resume: bool = False,
@@ -424,6 +456,7 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
         devices: int | str | None = None, num_nodes: int | None = None, strategy: str | None = None,
         progress_bar: bool = True) -> Path:
     """Train a recipe into run_dir (created, or resumed from its last.ckpt). Returns the run directory."""
+    startup = StartupReport()
     run_dir = Path(run_dir)
     t = recipe.train
     if (accelerator or t.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -438,13 +471,16 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
         _check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(t.seed, workers=True, verbose=False)
-    recipe, tokenizer, train, valid = prepare_run(recipe, run_dir, data_dir, resume)
-    make_train, make_valid, references = _loaders(recipe, tokenizer, train, valid)
+    if (num_nodes or t.num_nodes) > 1 and recipe.data.prepared is None:
+        raise ValueError("training on several nodes reads a prepared store: run translator prepare onto a "
+                         "filesystem every node sees (or at the same path on each node), then train --prepared")
+    recipe, store = open_run_data(recipe, run_dir, data_dir, resume)
+    make_train, make_valid, references = _loaders(recipe, store)
     module = TranslationModule(recipe.to_dict(), str(run_dir / TOKENIZER), references)
 
     bleu = references and t.val_bleu != "none"
     monitor = ("val/bleu", "max") if bleu else ("val/loss", "min")
-    callbacks: list[Callback] = [PeriodicCheckpoints(run_dir / CHECKPOINTS, t.save_every, t.keep_last)]
+    callbacks: list[Callback] = [PeriodicCheckpoints(run_dir / CHECKPOINTS, t.save_every, t.keep_last), startup]
     if not progress_bar:
         callbacks.append(LogLines(t.log_every))
     if make_valid is not None:

@@ -1,0 +1,295 @@
+"""The token store: prepared once, memory-mapped, batched from its length arrays."""
+
+import gzip
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from translator.config import load_recipe
+from translator.data import BOS_ID, EOS_ID, PAD_ID, DataError, Tokenizer, read_lines
+from translator.store import (Pairs, StoreError, TokenBatches, BlockBatches, open_store, prepare, reservoir,
+                              token_batches)
+
+from .conftest import write_toy_corpus
+
+
+def synthetic(n=500, seed=0):
+    rng = np.random.default_rng(seed)
+    src = [rng.integers(4, 50, rng.integers(1, 30)).tolist() for _ in range(n)]
+    tgt = [rng.integers(4, 50, rng.integers(1, 30)).tolist() for _ in range(n)]
+    return Pairs.of(src, tgt), src, tgt
+
+
+# -- Batching ------------------------------------------------------------------------------------------------------
+
+def test_batches_respect_max_tokens_and_cover_every_pair_once():
+    data, _, _ = synthetic()
+    loader = TokenBatches(data, max_tokens=200, shuffle=True, seed=3)
+    seen = []
+    for batch in loader:
+        B, S = batch["src"].shape
+        T = batch["tgt_in"].shape[1]
+        assert B * max(S, T) <= 200
+        seen.extend(batch["index"].tolist())
+    assert sorted(seen) == list(range(500))
+
+
+def test_batch_contents_teacher_forcing_layout():
+    data, src, tgt = synthetic(20)
+    batch = TokenBatches(data, max_tokens=10_000, shuffle=False).collate(np.array([3, 7]))
+    for row, i in enumerate([3, 7]):
+        s, t = src[i], tgt[i]
+        assert batch["src"][row, :len(s) + 1].tolist() == s + [EOS_ID]
+        assert batch["tgt_in"][row, :len(t) + 1].tolist() == [BOS_ID] + t
+        assert batch["tgt_out"][row, :len(t) + 1].tolist() == t + [EOS_ID]
+        assert (batch["src"][row, len(s) + 1:] == PAD_ID).all() and (batch["tgt_out"][row, len(t) + 1:] == PAD_ID).all()
+    assert batch["ntokens"] == len(tgt[3]) + len(tgt[7]) + 2
+
+
+def test_decoder_only_batches_hold_source_and_target_in_one_sequence():
+    data, src, tgt = synthetic(20)
+    batch = TokenBatches(data, max_tokens=10_000, shuffle=False, joint=True).collate(np.array([4, 9]))
+    for row, i in enumerate([4, 9]):
+        s, t = src[i], tgt[i]
+        n = len(s) + len(t) + 2
+        assert batch["tgt_in"][row, :n].tolist() == [BOS_ID] + s + [EOS_ID] + t
+        assert batch["tgt_out"][row, :n].tolist() == [PAD_ID] * (len(s) + 1) + t + [EOS_ID]
+        assert (batch["tgt_in"][row, n:] == PAD_ID).all() and batch["prefix_len"][row] == len(s) + 2
+    assert batch["ntokens"] == len(tgt[4]) + len(tgt[9]) + 2
+
+
+def test_sentences_of_similar_length_share_a_batch():
+    data, _, _ = synthetic(2000)
+    loader = TokenBatches(data, max_tokens=400, shuffle=True)
+    real = sum(loader.tgt_lens) + sum(loader.src_lens)
+    padded = sum(b["src"].numel() + b["tgt_in"].numel() for b in loader)
+    assert real / padded > 0.85  # random batching would waste about half
+
+
+def test_shuffling_is_seeded_and_changes_per_epoch():
+    data, _, _ = synthetic()
+    order = lambda seed, epoch: [b.tolist() for b in TokenBatches(data, 200, True, seed=seed).batches(epoch)]
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1)
+    assert order(1, 0) != order(2, 0)
+
+
+def test_resuming_mid_epoch_yields_the_remaining_batches():
+    data, _, _ = synthetic()
+    loader = TokenBatches(data, 200, True, seed=5)
+    epoch0 = [b["index"].tolist() for b in loader]
+    epoch1 = [(b["position"], b["index"].tolist()) for b in loader]  # a finished pass advances the epoch
+    assert epoch1[0][0] == (1, 0) and [x for _, x in epoch1] != epoch0
+    loader.resume_at = (0, 7)
+    resumed = [(b["position"], b["index"].tolist()) for b in loader]
+    assert resumed[0][0] == (0, 7) and [x for _, x in resumed] == epoch0[7:]
+    assert [b["position"] for b in loader][0] == (1, 0)  # then the next epoch, from its start
+    loader.resume_at = (0, len(epoch0))  # stopped right at the end of epoch 0
+    assert [b["position"] for b in loader][0] == (1, 0)
+
+
+def test_ranks_take_disjoint_equal_shares():
+    data, _, _ = synthetic()
+    shards = [[b.tolist() for b in TokenBatches(data, 200, True, seed=1, rank=r, world=3).batches(0)] for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    flat = [i for s in shards for b in s for i in b]
+    assert len(flat) == len(set(flat))
+
+
+def reference_token_batches(src_lens, tgt_lens, max_tokens, order):
+    """The batching rule one sentence at a time: what token_batches computes a batch at a time."""
+    batches, start, longest = [], 0, 0
+    lengths = np.maximum(src_lens, tgt_lens)[order]
+    for i, n in enumerate(lengths):
+        if i > start and max(longest, n) * (i - start + 1) > max_tokens:
+            batches.append(order[start:i])
+            start, longest = i, 0
+        longest = max(longest, n)
+    batches.append(order[start:])
+    return batches
+
+
+def test_batch_plans_equal_the_sentence_by_sentence_rule():
+    rng = np.random.default_rng(0)
+    for max_tokens in (20, 200, 4096):
+        src, tgt = rng.integers(1, 120, 3000), rng.integers(1, 120, 3000)
+        order = rng.permutation(3000)
+        ours = token_batches(src, tgt, max_tokens, order)
+        assert [b.tolist() for b in ours] == [b.tolist() for b in reference_token_batches(src, tgt, max_tokens, order)]
+    assert [b.tolist() for b in token_batches(np.array([5, 50, 5]), np.array([5, 50, 5]), 20, np.arange(3))] == \
+        [[0], [1], [2]]  # a sentence longer than max_tokens gets its own batch
+
+
+def test_reservoir_sample_is_uniform_seeded_and_in_order():
+    sample, n = reservoir(range(10), 20)
+    assert sample == list(range(10)) and n == 10  # a short stream is taken whole, in order
+    sample, n = reservoir(range(1000), 10, seed=3)
+    assert n == 1000 and len(sample) == 10 and sample == sorted(sample) and sample == reservoir(range(1000), 10, 3)[0]
+    counts = np.zeros(100)
+    for seed in range(2000):
+        counts[reservoir(range(100), 10, seed)[0]] += 1
+    assert counts.min() > 120 and counts.max() < 290  # each item drawn with probability 1/10 (200 expected)
+
+
+# -- Preparing and opening -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def toy(tmp_path):
+    data_dir = write_toy_corpus(tmp_path / "data", n_train=600, n_valid=50)
+    recipe_file = tmp_path / "toy.yaml"
+    recipe_file.write_text("""
+model: {preset: tiny}
+data: {src_lang: en, tgt_lang: de, train: "toy/train.{lang}", valid: "toy/valid.{lang}", max_len: 9}
+tokenizer: {vocab_size: 400}
+""")
+    return data_dir, recipe_file
+
+
+def test_store_round_trip_equals_direct_tokenization_line_for_line(toy, tmp_path, caplog):
+    data_dir, recipe_file = toy
+    recipe = load_recipe(recipe_file)
+    with caplog.at_level(logging.WARNING, logger="translator.store"):
+        manifest = prepare(recipe, data_dir, tmp_path / "store", chunk=64)  # many chunks
+    store = open_store(tmp_path / "store", recipe, data_dir)
+    tokenizer = Tokenizer(store.tokenizer_file)
+    src, tgt = (tokenizer.encode(read_lines(data_dir / f"toy/train.{lang}")) for lang in ("en", "de"))
+    kept = [i for i in range(600) if len(src[i]) < 9 and len(tgt[i]) < 9]  # the max_len filter, with EOS
+    train = store.pairs("train")
+    assert 0 < len(kept) < 600 and train.index.tolist() == kept
+    assert [train.src[j].tolist() for j in range(len(train))] == [src[i] for i in kept]
+    assert [train.tgt[j].tolist() for j in range(len(train))] == [tgt[i] for i in kept]
+    assert manifest["splits"]["train"]["dropped_too_long"] == 600 - len(kept)
+    assert f"train: dropped {600 - len(kept)} of 600 pairs longer than 9 tokens" in caplog.text
+    assert store.manifest["id_dtype"] == "uint16" and train.src.ids.dtype == np.uint16
+    valid = store.pairs("valid")  # validation is never filtered
+    assert len(valid) == 50 and store.references() == read_lines(data_dir / "toy/valid.de")
+
+
+def test_the_length_ratio_filter_drops_and_counts(tmp_path):
+    (tmp_path / "c").mkdir()
+    src = ["a b c d e f g h i j", "a b", "a b c"] * 40
+    tgt = ["k", "k l", "k l m"] * 40
+    (tmp_path / "c" / "t.en").write_text("\n".join(src) + "\n")
+    (tmp_path / "c" / "t.de").write_text("\n".join(tgt) + "\n")
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text('model: {preset: tiny}\ndata: {train: "c/t.{lang}", max_ratio: 3}\n'
+                           'tokenizer: {vocab_size: 280}\n')
+    manifest = prepare(load_recipe(recipe_file), tmp_path, tmp_path / "store")
+    assert manifest["splits"]["train"]["dropped_ratio"] == 40 and manifest["splits"]["train"]["pairs"] == 80
+
+
+def test_a_stale_or_mismatched_store_is_refused(toy, tmp_path):
+    data_dir, recipe_file = toy
+    prepare(load_recipe(recipe_file), data_dir, tmp_path / "store")
+    open_store(tmp_path / "store", load_recipe(recipe_file), data_dir)  # fits
+    with pytest.raises(StoreError, match=r"prepared with max_len=9, but the recipe gives 20"):
+        open_store(tmp_path / "store", load_recipe(recipe_file, ["data.max_len=20"]), data_dir)
+    with pytest.raises(StoreError, match=r"prepared with tokenizer=.*vocab_size': 400"):
+        open_store(tmp_path / "store", load_recipe(recipe_file, ["tokenizer.vocab_size=500"]), data_dir)
+    # Settings that do not decide the store's contents may differ.
+    open_store(tmp_path / "store", load_recipe(recipe_file, ["train.seed=9", "model.d_model=64"]), data_dir)
+    train_en = data_dir / "toy/train.en"
+    train_en.write_text(train_en.read_text() + "one more line\n")
+    with pytest.raises(StoreError, match=r"train.en changed since the store was prepared"):
+        open_store(tmp_path / "store", load_recipe(recipe_file), data_dir)
+    other = Tokenizer.train(read_lines(data_dir / "toy/train.de"), tmp_path / "other.model", vocab_size=350)
+    (tmp_path / "store" / "spm.model").write_bytes(other.path.read_bytes())
+    with pytest.raises(StoreError, match=r"spm.model: not the sentencepiece model this store was prepared with"):
+        open_store(tmp_path / "store")
+
+
+def test_prepare_replaces_only_a_store(toy, tmp_path):
+    data_dir, recipe_file = toy
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(StoreError, match=r"mine: exists and is not a prepared store \(notes.txt\)"):
+        prepare(load_recipe(recipe_file), data_dir, tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    prepare(load_recipe(recipe_file), data_dir, tmp_path / "store")
+    prepare(load_recipe(recipe_file, ["data.max_len=20"]), data_dir, tmp_path / "store")  # a store: replaced
+    assert open_store(tmp_path / "store").manifest["settings"]["max_len"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+KILLED_PREPARE = """
+import sys, time
+import translator.store as store
+from translator.config import load_recipe
+real = store._write_pairs
+def slow(*args, **kwargs):
+    print("tokenizing", flush=True)
+    time.sleep(60)
+store._write_pairs = slow
+store.prepare(load_recipe(sys.argv[1]), sys.argv[2], sys.argv[3])
+"""
+
+
+def test_a_killed_prepare_leaves_no_store_that_looks_complete(toy, tmp_path):
+    data_dir, recipe_file = toy
+    out = tmp_path / "store"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_PREPARE, str(recipe_file), str(data_dir), str(out)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "tokenizing"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()  # only a temporary directory beside it
+    with pytest.raises(StoreError, match="no store"):
+        open_store(out)
+    leftover = next(tmp_path.glob(".store.tmp*"))
+    with pytest.raises(StoreError, match="an incomplete store"):
+        open_store(leftover)
+    prepare(load_recipe(recipe_file), data_dir, out)  # a new prepare is not disturbed by the leftover
+    assert open_store(out, load_recipe(recipe_file), data_dir).manifest["splits"]["train"]["read"] == 600
+
+
+def test_the_datasets_streaming_path_reads_a_local_directory(tmp_path):
+    from .conftest import DE, EN
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 300), ("validation", 20)):
+        (tmp_path / "hub").mkdir(exist_ok=True)
+        rows = []
+        for _ in range(n):
+            idx = rng.integers(0, len(EN), rng.integers(2, 8))
+            rows.append({"translation": {"en": " ".join(EN[i] for i in idx), "de": " ".join(DE[i] for i in idx)}})
+        (tmp_path / "hub" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"""
+model: {{preset: tiny}}
+data: {{train: {{hub: "{tmp_path / 'hub'}", split: train}}, valid: {{hub: "{tmp_path / 'hub'}", split: validation}}}}
+tokenizer: {{vocab_size: 300}}
+""")
+    recipe = load_recipe(recipe_file)
+    manifest = prepare(recipe, None, tmp_path / "store")
+    store = open_store(tmp_path / "store", recipe)
+    assert manifest["splits"]["train"]["pairs"] == 300 and manifest["sources"] == {"train": [], "valid": []}
+    tokenizer = Tokenizer(store.tokenizer_file)
+    first = json.loads((tmp_path / "hub" / "train.jsonl").read_text().splitlines()[5])["translation"]
+    assert store.pairs("train").src[5].tolist() == tokenizer.encode([first["en"]])[0]
+    assert len(store.references()) == 20
+
+
+def test_a_language_model_store_packs_lines_into_blocks(tmp_path):
+    (tmp_path / "t").mkdir()
+    lines = [" ".join(["der Hund"] * (i % 5 + 1)) for i in range(400)]
+    (tmp_path / "t" / "train.de").write_text("\n".join(lines) + "\n")
+    recipe_file = tmp_path / "lm.yaml"
+    recipe_file.write_text('model: {preset: lm_tiny}\ndata: {task: lm, tgt_lang: de, train: "t/train.{lang}", '
+                           'block_size: 16}\ntokenizer: {vocab_size: 270}\n')
+    recipe = load_recipe(recipe_file)
+    prepare(recipe, tmp_path, tmp_path / "store")
+    stream = open_store(tmp_path / "store", recipe, tmp_path).stream("train")
+    tokenizer = Tokenizer(tmp_path / "store" / "spm.model")
+    expected = [t for ids in tokenizer.encode(lines) for t in ids + [EOS_ID]]
+    assert stream.tolist() == expected
+    loader = BlockBatches(stream, 16, max_tokens=64, shuffle=False)
+    first = next(iter(loader))
+    assert first["tgt_in"].shape == (4, 16) and first["tgt_in"][0].tolist() == expected[:16]
+    assert first["tgt_out"][0].tolist() == expected[1:17] and first["tgt_in"][1, 0].item() == expected[16]

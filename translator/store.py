@@ -1,0 +1,553 @@
+"""The prepared token store: corpora tokenized once, memory-mapped by every process that trains on them.
+
+`prepare` reads a recipe's corpora as streams, trains the sentencepiece model on a bounded, seeded sample,
+tokenizes chunk by chunk with sentencepiece's threads, applies the training filters, and writes per split and
+side the token ids back to back with their offsets and lengths; the manifest comes last. `open_store`
+memory-maps it: a process holds only the pages it touches, and the ranks of a run share one page cache.
+Batch plans come from the length arrays alone (fairseq's indexed datasets work the same way). No library
+does this for parallel text with our batching (fairseq's is part of fairseq; `datasets` keeps Arrow rows,
+not a token stream), hence the code here.
+
+A store directory:
+  manifest.json           what was prepared from what; written last, so a store without it is incomplete
+  spm.model               the sentencepiece model
+  {split}.{side}.ids      token ids back to back (uint16 when the vocabulary fits, else uint32); side src/tgt,
+                          or text for a language model, whose lines each end with EOS (the packed stream)
+  {split}.{side}.offsets  int64, one per pair and one past the end
+  {split}.{side}.lengths  tokens per pair (uint16, or uint32 for longer sentences)
+  {split}.index           int64: the corpus line of each pair kept
+  valid.references.json   the validation targets as text, for BLEU
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .config import Recipe
+from .data import (BOS_ID, EOS_ID, PAD_ID, DataError, Tokenizer, corpus_files, iter_pairs, iter_text_lines,
+                   write_atomic)
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST, TOKENIZER, REFERENCES = "manifest.json", "spm.model", "valid.references.json"
+_SUFFIXES = (".ids", ".offsets", ".lengths", ".index")
+
+
+class StoreError(DataError):
+    """A store that is missing, incomplete, or does not match the recipe or tokenizer it is used with."""
+
+
+# -- What a store is prepared from -------------------------------------------------------------------------------
+
+def settings(recipe: Recipe) -> dict[str, Any]:
+    """Everything in a recipe that decides a store's contents. A store is used only with a recipe that gives
+    the same settings (the model, schedule and decoding may differ)."""
+    d, k = recipe.data, recipe.tokenizer
+    joint = recipe.model.arch == "decoder_only" and d.task == "translation"  # source EOS target in one sequence
+    limit = recipe.model.max_positions // 2 if joint else recipe.model.max_positions
+    out = {"task": d.task, "tgt_lang": d.tgt_lang, "train": d.train, "valid": d.valid,
+           "tokenizer": {"type": k.type, "vocab_size": k.vocab_size, "character_coverage": k.character_coverage,
+                         "max_sentences": k.max_sentences}}
+    if d.task == "translation":
+        out.update(src_lang=d.src_lang, max_len=min(d.max_len, limit), max_ratio=d.max_ratio)
+    return out
+
+
+def _sources(recipe: Recipe, data_dir: str | os.PathLike | None) -> dict[str, list[dict[str, Any]]]:
+    """The files each split reads, with sizes and modification times (none for a `datasets` corpus)."""
+    d = recipe.data
+    langs = (d.src_lang, d.tgt_lang) if d.task == "translation" else (d.tgt_lang,)
+    out = {}
+    for split in ("train", "valid"):
+        spec = getattr(d, split)
+        if spec is not None:
+            out[split] = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                          for p in corpus_files(spec, langs, data_dir)]
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- Preparing ----------------------------------------------------------------------------------------------------
+
+def reservoir(items: Iterable[Any], k: int, seed: int = 1) -> tuple[list[Any], int]:
+    """A uniform sample of k items from a stream of unknown length (Algorithm R), in stream order, and how many
+    items there were. Memory: k items, whatever the stream's length."""
+    rng = random.Random(seed)
+    sample: list[tuple[int, Any]] = []
+    n = 0
+    for n, item in enumerate(items, 1):
+        if n <= k:
+            sample.append((n, item))
+        else:
+            j = rng.randrange(n)
+            if j < k:
+                sample[j] = (n, item)
+    return [item for _, item in sorted(sample, key=lambda x: x[0])], n
+
+
+class _SideWriter:
+    """Appends tokenized sentences of one side to {split}.{side}.ids/.offsets/.lengths."""
+
+    def __init__(self, directory: Path, split: str, side: str, id_dtype: np.dtype):
+        self.stem = directory / f"{split}.{side}"
+        self.ids = open(f"{self.stem}.ids", "wb")
+        self.offsets = open(f"{self.stem}.offsets", "wb")
+        self.lengths: list[np.ndarray] = []
+        self.id_dtype, self.total = id_dtype, 0
+        self.offsets.write(np.zeros(1, dtype=np.int64).tobytes())
+
+    def write(self, sentences: list[list[int]]) -> None:
+        lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+        self.ids.write(np.fromiter(itertools.chain.from_iterable(sentences), dtype=self.id_dtype,
+                                   count=int(lengths.sum())).tobytes())
+        self.offsets.write((self.total + np.cumsum(lengths)).tobytes())
+        self.total += int(lengths.sum())
+        self.lengths.append(lengths)
+
+    def close(self) -> dict[str, Any]:
+        for f in (self.ids, self.offsets):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        dtype = np.uint16 if lengths.size == 0 or lengths.max() < 2 ** 16 else np.uint32
+        lengths.astype(dtype).tofile(f"{self.stem}.lengths")
+        return {"tokens": self.total, "length_dtype": np.dtype(dtype).name}
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _write_pairs(pairs: Iterable[tuple[str, str]], tokenizer: Tokenizer, directory: Path, split: str,
+                 id_dtype: np.dtype, max_len: int | None, max_ratio: float, chunk: int, threads: int | None
+                 ) -> dict[str, Any]:
+    """Tokenize and write one split of a parallel corpus; with max_len (training), drop and count pairs whose
+    side with its EOS/BOS exceeds max_len tokens, and with max_ratio > 0 those whose longer side has more than
+    max_ratio times the tokens of the shorter (fairseq's and Moses clean-corpus-n's filters)."""
+    sides = {side: _SideWriter(directory, split, side, id_dtype) for side in ("src", "tgt")}
+    read = too_long = bad_ratio = 0
+    with open(directory / f"{split}.index", "wb") as index:
+        for lines in _chunks(pairs, chunk):
+            src = tokenizer.encode([s for s, _ in lines], threads)
+            tgt = tokenizer.encode([t for _, t in lines], threads)
+            keep = np.arange(len(lines))
+            if max_len is not None:
+                ls, lt = (np.fromiter(map(len, x), dtype=np.int64, count=len(x)) for x in (src, tgt))
+                long = (ls >= max_len) | (lt >= max_len)
+                ratio = (np.maximum(ls, lt) > max_ratio * np.maximum(np.minimum(ls, lt), 1)) & ~long \
+                    if max_ratio > 0 else np.zeros_like(long)
+                too_long, bad_ratio = too_long + int(long.sum()), bad_ratio + int(ratio.sum())
+                keep = np.flatnonzero(~long & ~ratio)
+            sides["src"].write([src[i] for i in keep])
+            sides["tgt"].write([tgt[i] for i in keep])
+            index.write((read + keep).astype(np.int64).tobytes())
+            read += len(lines)
+    kept = read - too_long - bad_ratio
+    info = {"read": read, "pairs": kept, "dropped_too_long": too_long, "dropped_ratio": bad_ratio,
+            **{side: writer.close() for side, writer in sides.items()}}
+    if max_len is not None and (too_long or bad_ratio):
+        log.warning("%s: dropped %d of %d pairs longer than %d tokens%s", split, too_long, read, max_len,
+                    f" and {bad_ratio} with a length ratio above {max_ratio}" if max_ratio > 0 else "")
+    if kept == 0:
+        raise DataError(f"{split}: no pair is shorter than max_len={max_len} tokens")
+    return info
+
+
+def _write_text(lines: Iterable[str], tokenizer: Tokenizer, directory: Path, split: str, id_dtype: np.dtype,
+                chunk: int, threads: int | None) -> dict[str, Any]:
+    """A language model's split: every line's tokens followed by EOS, one stream."""
+    writer = _SideWriter(directory, split, "text", id_dtype)
+    read = 0
+    for batch in _chunks(lines, chunk):
+        writer.write([ids + [EOS_ID] for ids in tokenizer.encode(batch, threads)])
+        read += len(batch)
+    return {"read": read, "lines": read, "text": writer.close()}
+
+
+def _check_out(out: Path) -> None:
+    """Only a store (or an empty directory) is replaced: never a run or other files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise StoreError(f"{out}: exists and is not a directory; choose another --out")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in (MANIFEST, TOKENIZER, REFERENCES) and not p.name.endswith(_SUFFIXES))
+    if foreign:
+        raise StoreError(f"{out}: exists and is not a prepared store ({', '.join(foreign[:5])}); nothing was "
+                         "written. Choose a new --out, or remove it first")
+
+
+def prepare(recipe: Recipe, data_dir: str | os.PathLike | None, out: str | os.PathLike, tokenizer_file: str | None = None,
+            chunk: int = 50_000, threads: int | None = None) -> dict[str, Any]:
+    """Prepare the recipe's training (and validation) data into the store `out`. It is written into a temporary
+    directory beside `out` and renamed into place when complete, so a killed prepare leaves no store that looks
+    complete. Memory stays bounded by `chunk` pairs and the tokenizer's sample. Returns the manifest."""
+    d = recipe.data
+    if d.train is None:
+        raise DataError("the recipe names no training corpus (data.train)")
+    out = Path(out)
+    _check_out(out)
+    sources = _sources(recipe, data_dir)  # before any work: missing files are named at once
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        translation = d.task == "translation"
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+            sampled = None
+        else:
+            k = recipe.tokenizer
+            if translation:  # max_sentences counts lines: half as many pairs; sources first, then targets
+                pairs, n = reservoir(iter_pairs(d.train, d.src_lang, d.tgt_lang, data_dir), k.max_sentences // 2)
+                sample = [s for s, _ in pairs] + [t for _, t in pairs]
+            else:
+                sample, n = reservoir(iter_text_lines(d.train, d.tgt_lang, data_dir), k.max_sentences)
+            log.info("training a %d-piece %s sentencepiece model on %d of %d lines", k.vocab_size, k.type, len(sample),
+                     2 * n if translation else n)
+            Tokenizer.train(sample, tmp / TOKENIZER, k.vocab_size, k.type, k.character_coverage, k.max_sentences)
+            sampled = len(sample)
+            del sample
+        tokenizer = Tokenizer(tmp / TOKENIZER)
+        timings["tokenizer_s"] = time.perf_counter() - start
+        id_dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32)
+        start = time.perf_counter()
+        splits = {}
+        cfg = settings(recipe)
+        for split in ("train", "valid"):
+            spec = getattr(d, split)
+            if spec is None:
+                continue
+            if translation:
+                pairs = iter_pairs(spec, d.src_lang, d.tgt_lang, data_dir)
+                if split == "valid":  # kept whole, and its targets as text for BLEU
+                    pairs = list(pairs)
+                    write_atomic(tmp / REFERENCES, json.dumps([t for _, t in pairs], ensure_ascii=False).encode())
+                splits[split] = _write_pairs(pairs, tokenizer, tmp, split, id_dtype,
+                                             cfg["max_len"] if split == "train" else None, cfg["max_ratio"], chunk,
+                                             threads)
+            else:
+                splits[split] = _write_text(iter_text_lines(spec, d.tgt_lang, data_dir), tokenizer, tmp, split,
+                                            id_dtype, chunk, threads)
+        timings["tokenize_s"] = time.perf_counter() - start
+        manifest = {"format": FORMAT, "settings": cfg, "sources": sources, "id_dtype": id_dtype.name,
+                    "tokenizer_sha256": _sha256(tmp / TOKENIZER), "tokenizer_sample": sampled, "splits": splits,
+                    "seconds": {k: round(v, 2) for k, v in timings.items()}}
+        write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        if out.exists():  # an earlier store (checked above): moved aside, then removed once the new one is in place
+            old = out.parent / f".{out.name}.old{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+# -- Reading ------------------------------------------------------------------------------------------------------
+
+class Side:
+    """One side of a split, memory-mapped: sentence i is ids[offsets[i]:offsets[i + 1]]."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray):
+        self.ids, self.offsets, self.lengths = ids, offsets, lengths
+
+    @classmethod
+    def open(cls, stem: str, id_dtype: str, length_dtype: str) -> "Side":
+        ids = np.memmap(f"{stem}.ids", dtype=id_dtype, mode="r") if os.path.getsize(f"{stem}.ids") \
+            else np.zeros(0, dtype=id_dtype)
+        return cls(ids, np.memmap(f"{stem}.offsets", dtype=np.int64, mode="r"),
+                   np.fromfile(f"{stem}.lengths", dtype=length_dtype))
+
+    @classmethod
+    def of(cls, sentences: list[list[int]]) -> "Side":
+        """An in-memory side (tests, small data): the same layout."""
+        lengths = np.array([len(s) for s in sentences], dtype=np.int64)
+        ids = np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int64, count=int(lengths.sum()))
+        return cls(ids, np.concatenate([[0], np.cumsum(lengths)]), lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def head(self, n: int) -> "Side":
+        return Side(self.ids, self.offsets[:n + 1], self.lengths[:n])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self.ids[self.offsets[i]:self.offsets[i + 1]], dtype=np.int64)
+
+    def place(self, indices: np.ndarray, out: np.ndarray, column: np.ndarray | int) -> None:
+        """Write sentence indices[r] into row r of `out` from `column` (per row, or one for all), vectorised:
+        one gather from the memory map for the whole batch."""
+        lengths = self.lengths[indices].astype(np.int64)
+        cols = np.arange(out.shape[1])[None, :] - np.reshape(column, (-1, 1))
+        inside = (cols >= 0) & (cols < lengths[:, None])
+        positions = self.offsets[indices][:, None] + np.where(inside, cols, 0)
+        out[inside] = self.ids[positions[inside]]
+
+
+class Pairs:
+    """A split of a translation store: `src` and `tgt` sides and the corpus line of each pair."""
+
+    def __init__(self, src: Side, tgt: Side, index: np.ndarray):
+        self.src, self.tgt, self.index = src, tgt, index
+
+    @classmethod
+    def of(cls, src: list[list[int]], tgt: list[list[int]]) -> "Pairs":
+        return cls(Side.of(src), Side.of(tgt), np.arange(len(src)))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def head(self, n: int) -> "Pairs":
+        return Pairs(self.src.head(n), self.tgt.head(n), self.index[:n])
+
+
+class Store:
+    """An opened store: its manifest, tokenizer, and memory-mapped splits."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]):
+        self.directory, self.manifest = directory, manifest
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.directory / TOKENIZER
+
+    def has(self, split: str) -> bool:
+        return split in self.manifest["splits"]
+
+    def _side(self, split: str, side: str) -> Side:
+        return Side.open(str(self.directory / f"{split}.{side}"), self.manifest["id_dtype"],
+                         self.manifest["splits"][split][side]["length_dtype"])
+
+    def pairs(self, split: str) -> Pairs:
+        return Pairs(self._side(split, "src"), self._side(split, "tgt"),
+                     np.memmap(self.directory / f"{split}.index", dtype=np.int64, mode="r"))
+
+    def stream(self, split: str) -> np.ndarray:
+        """A language model's split: every line's tokens and its EOS, back to back."""
+        return self._side(split, "text").ids
+
+    def references(self) -> list[str]:
+        path = self.directory / REFERENCES
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+def open_store(directory: str | os.PathLike, recipe: Recipe | None = None,
+               data_dir: str | os.PathLike | None = None) -> Store:
+    """Open a store, refusing one that is incomplete, of another format, whose tokenizer is not the one it was
+    prepared with, or (given a recipe) prepared with other settings or from corpus files that changed since."""
+    directory = Path(directory)
+    manifest_file = directory / MANIFEST
+    if not manifest_file.is_file():
+        what = "an incomplete store (no manifest: its prepare did not finish)" if directory.is_dir() else "no store"
+        raise StoreError(f"{directory}: {what}; run translator prepare (every node needs the store at this path)")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{directory}: a store of format {manifest.get('format')}; this translator reads {FORMAT}. "
+                         "Prepare it again")
+    if not (directory / TOKENIZER).is_file() or _sha256(directory / TOKENIZER) != manifest["tokenizer_sha256"]:
+        raise StoreError(f"{directory / TOKENIZER}: not the sentencepiece model this store was prepared with")
+    if recipe is not None:
+        expected, found = settings(recipe), manifest["settings"]
+        for key in sorted(set(expected) | set(found)):
+            if expected.get(key) != found.get(key):
+                raise StoreError(f"{directory}: prepared with {key}={found.get(key)!r}, but the recipe gives "
+                                 f"{expected.get(key)!r}; prepare it again (or use the recipe it was prepared for)")
+        try:
+            now = _sources(recipe, data_dir)
+        except DataError:
+            now = None  # the corpus files are not here (another machine, no --data-dir): nothing to compare
+        if now is not None and now != manifest["sources"]:
+            changed = [s["path"] for split in now for s in now[split] if s not in manifest["sources"].get(split, [])]
+            raise StoreError(f"{directory}: {', '.join(changed) or 'the corpus files'} changed since the store was "
+                             "prepared; prepare it again")
+    return Store(directory, manifest)
+
+
+# -- Batches ------------------------------------------------------------------------------------------------------
+
+def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, order: np.ndarray) -> list[np.ndarray]:
+    """Cut `order` into consecutive batches, each the longest run whose padded size (batch size x longest side)
+    fits max_tokens; a sentence longer than max_tokens gets a batch of its own. A loop over batches, not
+    sentences: each batch's size comes from a running maximum over a window."""
+    lengths = np.maximum(src_lens, tgt_lens)[order]
+    batches, start, n = [], 0, len(order)
+    while start < n:
+        window = lengths[start:start + max_tokens // int(lengths[start]) + 1]  # no batch holds more
+        padded = np.maximum.accumulate(window) * np.arange(1, len(window) + 1)
+        count = max(1, int(np.searchsorted(padded, max_tokens, side="right")))
+        batches.append(order[start:start + count])
+        start += count
+    return batches
+
+
+class ResumableBatches:
+    """An iterable of batches for Lightning, shuffled per epoch under a seed, resumable mid-epoch.
+
+    Each batch carries its `position`, (epoch, index). The epoch advances when a pass is exhausted (not when
+    Lightning says so: a run stopped by max_steps ends Lightning's epoch early). A run killed mid-epoch saves
+    the position after the last batch it trained; `resume_at` set to it makes the next pass continue from
+    there (the batches themselves are a pure function of seed and epoch). Subclasses say what the batches
+    of an epoch are (`plan`) and how one is built (`collate`)."""
+
+    def __init__(self, shuffle: bool, seed: int, rank: int, world: int):
+        self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
+        self.epoch = 0
+        self.resume_at: tuple[int, int] | None = None
+        self._planned: tuple[int, list[np.ndarray]] | None = None
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def collate(self, indices: np.ndarray) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of an epoch: every world-th of the plan, trimmed so that every rank gets as many.
+        Kept for the epoch (Lightning asks for the length, then iterates)."""
+        if self._planned is None or self._planned[0] != epoch:
+            batches = self.plan(epoch)
+            usable = len(batches) - len(batches) % self.world if self.shuffle else len(batches)
+            self._planned = (epoch, batches[:usable][self.rank::self.world])
+        return self._planned[1]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start = 0
+        if self.resume_at is not None:
+            self.epoch, start = self.resume_at
+            self.resume_at = None
+        batches = self.batches(self.epoch)
+        if start >= len(batches):  # the run stopped exactly at the end of a pass
+            self.epoch, start, batches = self.epoch + 1, 0, self.batches(self.epoch + 1)
+        for index in range(start, len(batches)):
+            batch = self.collate(batches[index])
+            batch["position"] = (self.epoch, index)
+            yield batch
+        if self.shuffle:
+            self.epoch += 1
+
+
+class TokenBatches(ResumableBatches):
+    """Padded translation batches: {"src", "tgt_in", "tgt_out", "index", "ntokens", "position"}.
+
+    Training (shuffle=True): a seeded permutation, then a stable sort by length, so that sentences of
+    similar length share a batch with random ties; the batch order is shuffled again per epoch.
+    Evaluation (shuffle=False): sorted by length, the same batches every time; `index` restores line order."""
+
+    def __init__(self, data: Pairs, max_tokens: int, shuffle: bool, seed: int = 1, rank: int = 0, world: int = 1,
+                 joint: bool = False):
+        super().__init__(shuffle, seed, rank, world)
+        self.data, self.max_tokens, self.joint = data, max_tokens, joint
+        self.src_lens = data.src.lengths.astype(np.int32) + 1  # + EOS
+        self.tgt_lens = data.tgt.lengths.astype(np.int32) + 1  # + BOS (input) or EOS (output)
+        if joint:  # decoder-only translation: one sequence BOS source EOS target (EOS)
+            self.src_lens = self.tgt_lens = self.src_lens + self.tgt_lens
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        if not self.shuffle:
+            order = np.lexsort((self.tgt_lens, self.src_lens))
+            return token_batches(self.src_lens, self.tgt_lens, self.max_tokens, order)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.src_lens))
+        # By target length, then source length; stable, so ties stay in random order. (One integer key: half the
+        # time of np.lexsort on the two arrays, the same order.)
+        key = self.tgt_lens[order].astype(np.int64) << 32 | self.src_lens[order]
+        order = order[np.argsort(key, kind="stable")]
+        batches = token_batches(self.src_lens, self.tgt_lens, self.max_tokens, order)
+        rng.shuffle(batches)
+        return batches
+
+    def collate(self, indices: np.ndarray) -> dict[str, Any]:
+        src, tgt = self.data.src, self.data.tgt
+        ls, lt = src.lengths[indices].astype(np.int64), tgt.lengths[indices].astype(np.int64)
+        rows = np.arange(len(indices))
+        if self.joint:
+            return self._joint(indices, ls, lt)
+        src_ids = np.full((len(indices), int(ls.max()) + 1), PAD_ID, dtype=np.int64)
+        src.place(indices, src_ids, 0)
+        src_ids[rows, ls] = EOS_ID
+        tgt_in = np.full((len(indices), int(lt.max()) + 1), PAD_ID, dtype=np.int64)
+        tgt.place(indices, tgt_in, 1)
+        tgt_in[:, 0] = BOS_ID
+        tgt_out = np.full_like(tgt_in, PAD_ID)
+        tgt.place(indices, tgt_out, 0)
+        tgt_out[rows, lt] = EOS_ID
+        return {"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tgt_in),
+                "tgt_out": torch.from_numpy(tgt_out), "index": torch.from_numpy(np.asarray(self.data.index[indices])),
+                "ntokens": int(lt.sum() + len(indices))}
+
+    def _joint(self, indices: np.ndarray, ls: np.ndarray, lt: np.ndarray) -> dict[str, Any]:
+        """Decoder-only translation: inputs BOS source EOS target, predicting the target and its EOS only
+        (EOS separates the two sides). `prefix_len` covers BOS, source and separator; `src` stays for decoding."""
+        rows = np.arange(len(indices))
+        src_ids = np.full((len(indices), int(ls.max()) + 1), PAD_ID, dtype=np.int64)
+        self.data.src.place(indices, src_ids, 0)
+        src_ids[rows, ls] = EOS_ID
+        width = int((ls + lt).max()) + 2
+        tokens_in = np.full((len(indices), width), PAD_ID, dtype=np.int64)
+        tokens_in[:, 0] = BOS_ID
+        self.data.src.place(indices, tokens_in, 1)
+        tokens_in[rows, ls + 1] = EOS_ID
+        self.data.tgt.place(indices, tokens_in, ls + 2)
+        tokens_out = np.full_like(tokens_in, PAD_ID)
+        self.data.tgt.place(indices, tokens_out, ls + 1)
+        tokens_out[rows, ls + lt + 1] = EOS_ID
+        return {"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tokens_in),
+                "tgt_out": torch.from_numpy(tokens_out), "prefix_len": torch.from_numpy(ls + 2),
+                "index": torch.from_numpy(np.asarray(self.data.index[indices])), "ntokens": int(lt.sum() + len(indices))}
+
+
+class BlockBatches(ResumableBatches):
+    """Batches of packed blocks for next-token prediction: {"tgt_in", "tgt_out", "ntokens", "position"}. Block i
+    is stream[i * block_size : (i + 1) * block_size + 1] (inputs and next-token targets overlap by one); the
+    ragged tail is left out."""
+
+    def __init__(self, stream: np.ndarray, block_size: int, max_tokens: int, shuffle: bool, seed: int = 1,
+                 rank: int = 0, world: int = 1):
+        super().__init__(shuffle, seed, rank, world)
+        self.stream, self.block_size = stream, block_size
+        self.n_blocks = (len(stream) - 1) // block_size
+        if self.n_blocks < 1:
+            raise DataError(f"corpus of {len(stream)} tokens is shorter than one block of {block_size + 1}")
+        self.per_batch = max(1, max_tokens // block_size)
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks) if self.shuffle \
+            else np.arange(self.n_blocks)
+        return [order[i:i + self.per_batch] for i in range(0, len(order), self.per_batch)]
+
+    def collate(self, indices: np.ndarray) -> dict[str, Any]:
+        positions = np.sort(indices)[:, None] * self.block_size + np.arange(self.block_size + 1)
+        rows = torch.from_numpy(self.stream[positions].astype(np.int64))
+        return {"tgt_in": rows[:, :-1], "tgt_out": rows[:, 1:], "ntokens": int(rows[:, 1:].numel())}
