@@ -1,7 +1,6 @@
 import gzip
 import json
 
-import numpy as np
 import pytest
 
 from translator.data import BOS_ID, EOS_ID, PAD_ID, DataError, Tokenizer, iter_pairs, load_corpus, read_lines, read_segments

@@ -1,19 +1,16 @@
 """The token store: prepared once, memory-mapped, batched from its length arrays."""
 
-import gzip
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from translator.config import load_recipe
-from translator.data import BOS_ID, EOS_ID, PAD_ID, DataError, Tokenizer, read_lines
+from translator.data import BOS_ID, EOS_ID, PAD_ID, Tokenizer, read_lines
 from translator.store import (Pairs, StoreError, TokenBatches, BlockBatches, open_store, prepare, reservoir,
                               token_batches)
 
@@ -33,12 +30,15 @@ def test_batches_respect_max_tokens_and_cover_every_pair_once():
     data, _, _ = synthetic()
     loader = TokenBatches(data, max_tokens=200, shuffle=True, seed=3)
     seen = []
-    for batch in loader:
+    for indices in loader.batches(0):
+        batch = loader.collate(indices)
         B, S = batch["src"].shape
         T = batch["tgt_in"].shape[1]
-        assert B * max(S, T) <= 200
-        seen.extend(batch["index"].tolist())
+        assert B * max(S, T) <= 200 and "index" not in batch  # the corpus line is for evaluation batches
+        seen.extend(indices.tolist())
     assert sorted(seen) == list(range(500))
+    evaluation = TokenBatches(data, max_tokens=200, shuffle=False)
+    assert sorted(i for b in evaluation for i in b["index"].tolist()) == list(range(500))
 
 
 def test_batch_contents_teacher_forcing_layout():
@@ -84,11 +84,11 @@ def test_shuffling_is_seeded_and_changes_per_epoch():
 def test_resuming_mid_epoch_yields_the_remaining_batches():
     data, _, _ = synthetic()
     loader = TokenBatches(data, 200, True, seed=5)
-    epoch0 = [b["index"].tolist() for b in loader]
-    epoch1 = [(b["position"], b["index"].tolist()) for b in loader]  # a finished pass advances the epoch
+    epoch0 = [b["src"].tolist() for b in loader]
+    epoch1 = [(b["position"], b["src"].tolist()) for b in loader]  # a finished pass advances the epoch
     assert epoch1[0][0] == (1, 0) and [x for _, x in epoch1] != epoch0
     loader.resume_at = (0, 7)
-    resumed = [(b["position"], b["index"].tolist()) for b in loader]
+    resumed = [(b["position"], b["src"].tolist()) for b in loader]
     assert resumed[0][0] == (0, 7) and [x for _, x in resumed] == epoch0[7:]
     assert [b["position"] for b in loader][0] == (1, 0)  # then the next epoch, from its start
     loader.resume_at = (0, len(epoch0))  # stopped right at the end of epoch 0
@@ -162,12 +162,12 @@ def test_store_round_trip_equals_direct_tokenization_line_for_line(toy, tmp_path
     src, tgt = (tokenizer.encode(read_lines(data_dir / f"toy/train.{lang}")) for lang in ("en", "de"))
     kept = [i for i in range(600) if len(src[i]) < 9 and len(tgt[i]) < 9]  # the max_len filter, with EOS
     train = store.pairs("train")
-    assert 0 < len(kept) < 600 and train.index.tolist() == kept
+    assert 0 < len(kept) < 600 and train.lines(np.arange(len(train))).tolist() == kept
     assert [train.src[j].tolist() for j in range(len(train))] == [src[i] for i in kept]
     assert [train.tgt[j].tolist() for j in range(len(train))] == [tgt[i] for i in kept]
     assert manifest["splits"]["train"]["dropped_too_long"] == 600 - len(kept)
     assert f"train: dropped {600 - len(kept)} of 600 pairs longer than 9 tokens" in caplog.text
-    assert store.manifest["id_dtype"] == "uint16" and train.src.ids.dtype == np.uint16
+    assert store.manifest["id_dtype"] == "uint16" and train.src.ids.dtype == np.uint16 and train.src.lengths.dtype == np.uint16
     valid = store.pairs("valid")  # validation is never filtered
     assert len(valid) == 50 and store.references() == read_lines(data_dir / "toy/valid.de")
 
@@ -288,8 +288,36 @@ def test_a_language_model_store_packs_lines_into_blocks(tmp_path):
     stream = open_store(tmp_path / "store", recipe, tmp_path).stream("train")
     tokenizer = Tokenizer(tmp_path / "store" / "spm.model")
     expected = [t for ids in tokenizer.encode(lines) for t in ids + [EOS_ID]]
-    assert stream.tolist() == expected
+    assert stream.runs(np.array([0]), np.array([len(stream)])).tolist() == expected
     loader = BlockBatches(stream, 16, max_tokens=64, shuffle=False)
     first = next(iter(loader))
     assert first["tgt_in"].shape == (4, 16) and first["tgt_in"][0].tolist() == expected[:16]
     assert first["tgt_out"][0].tolist() == expected[1:17] and first["tgt_in"][1, 0].item() == expected[16]
+
+
+# -- Training from a store -------------------------------------------------------------------------------------
+
+def test_train_from_a_prepared_store_through_the_cli(toy_run, tmp_path, capsys):
+    from translator.cli import main
+
+    data_dir, recipe = toy_run
+    store = tmp_path / "prepared"
+    assert main(["prepare", "--config", str(recipe), "--data-dir", str(data_dir), "--out", str(store)]) == 0
+    assert "prepared" in capsys.readouterr().out and (store / "manifest.json").is_file()
+    assert main(["prepare", "--config", str(recipe), "--data-dir", str(data_dir), "--out", str(store)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(recipe), "--prepared", str(store), "--out", str(run), "--max-steps", "3",
+                 "--no-progress"]) == 0  # no --data-dir: the store is all it reads
+    assert not (run / "data").exists() and (run / "spm.model").read_bytes() == (store / "spm.model").read_bytes()
+    assert load_recipe(run / "config.yaml").data.prepared == str(store.resolve())
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "5", "--no-progress"]) == 0
+    capsys.readouterr()
+    for args, message in (
+            (["--prepared", str(tmp_path / "nowhere")], "nowhere: no store; run translator prepare"),
+            (["--prepared", str(store), "--data.max_len=17"], "prepared with max_len=128, but the recipe gives 17"),
+            (["--num-nodes", "2"], "training on several nodes reads a prepared store")):
+        code = main(["train", "--config", str(recipe), "--data-dir", str(data_dir), "--out", str(tmp_path / "x"),
+                     *args])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and message in err, err

@@ -135,6 +135,10 @@ def test_two_process_ddp_on_cpu_through_the_cli(toy_run, tmp_path):
     checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6
     assert val_losses(run)  # validation ran, its loss gathered over both ranks
+    # One store, prepared once by rank 0, read by both ranks.
+    assert result.stderr.count("sentencepiece model on") == 1 and (run / "data" / "manifest.json").is_file()
+    assert {f"rank {r}: first training step" in result.stderr for r in (0, 1)} == {True}
+    assert len(checkpoint["rng_states"]) == 2  # each rank's generators
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "recipes" / "**" / "*.yaml"), recursive=True)))

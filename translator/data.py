@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from .config import SPECIAL_IDS
 

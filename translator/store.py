@@ -1,9 +1,10 @@
-"""The prepared token store: corpora tokenized once, memory-mapped by every process that trains on them.
+"""The prepared token store: corpora tokenized once, read in place by every process that trains on them.
 
 `prepare` reads a recipe's corpora as streams, trains the sentencepiece model on a bounded, seeded sample,
 tokenizes chunk by chunk with sentencepiece's threads, applies the training filters, and writes per split and
 side the token ids back to back with their offsets and lengths; the manifest comes last. `open_store`
-memory-maps it: a process holds only the pages it touches, and the ranks of a run share one page cache.
+reads it with positioned reads: a process holds only the batch it reads, and the ranks of a run share the
+files through the page cache.
 Batch plans come from the length arrays alone (fairseq's indexed datasets work the same way). No library
 does this for parallel text with our batching (fairseq's is part of fairseq; `datasets` keeps Arrow rows,
 not a token stream), hence the code here.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import contextlib
 import logging
 import os
 import random
@@ -102,32 +104,36 @@ def reservoir(items: Iterable[Any], k: int, seed: int = 1) -> tuple[list[Any], i
 
 
 class _SideWriter:
-    """Appends tokenized sentences of one side to {split}.{side}.ids/.offsets/.lengths."""
+    """Appends tokenized sentences of one side to {split}.{side}.ids/.offsets/.lengths, holding nothing but the
+    running total (lengths go to disk as uint32, narrowed to uint16 at the end when they fit)."""
 
     def __init__(self, directory: Path, split: str, side: str, id_dtype: np.dtype):
         self.stem = directory / f"{split}.{side}"
-        self.ids = open(f"{self.stem}.ids", "wb")
-        self.offsets = open(f"{self.stem}.offsets", "wb")
-        self.lengths: list[np.ndarray] = []
-        self.id_dtype, self.total = id_dtype, 0
-        self.offsets.write(np.zeros(1, dtype=np.int64).tobytes())
+        self.files = {kind: open(f"{self.stem}.{kind}", "wb") for kind in ("ids", "offsets", "lengths")}
+        self.id_dtype, self.total, self.longest = id_dtype, 0, 0
+        self.files["offsets"].write(np.zeros(1, dtype=np.int64).tobytes())
 
     def write(self, sentences: list[list[int]]) -> None:
         lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
-        self.ids.write(np.fromiter(itertools.chain.from_iterable(sentences), dtype=self.id_dtype,
-                                   count=int(lengths.sum())).tobytes())
-        self.offsets.write((self.total + np.cumsum(lengths)).tobytes())
+        self.files["ids"].write(np.fromiter(itertools.chain.from_iterable(sentences), dtype=self.id_dtype,
+                                            count=int(lengths.sum())).tobytes())
+        self.files["offsets"].write((self.total + np.cumsum(lengths)).tobytes())
+        self.files["lengths"].write(lengths.astype(np.uint32).tobytes())
         self.total += int(lengths.sum())
-        self.lengths.append(lengths)
+        self.longest = max(self.longest, int(lengths.max(initial=0)))
 
     def close(self) -> dict[str, Any]:
-        for f in (self.ids, self.offsets):
+        for f in self.files.values():
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
-        dtype = np.uint16 if lengths.size == 0 or lengths.max() < 2 ** 16 else np.uint32
-        lengths.astype(dtype).tofile(f"{self.stem}.lengths")
+        dtype = np.uint16 if self.longest < 2 ** 16 else np.uint32
+        if dtype == np.uint16:  # narrowed a block at a time
+            wide, narrow = f"{self.stem}.lengths", f"{self.stem}.lengths.tmp"
+            with open(wide, "rb") as src, open(narrow, "wb") as dst:
+                while block := src.read(2 ** 22):
+                    dst.write(np.frombuffer(block, dtype=np.uint32).astype(np.uint16).tobytes())
+            os.replace(narrow, wide)
         return {"tokens": self.total, "length_dtype": np.dtype(dtype).name}
 
 
@@ -271,17 +277,59 @@ def prepare(recipe: Recipe, data_dir: str | os.PathLike | None, out: str | os.Pa
 
 # -- Reading ------------------------------------------------------------------------------------------------------
 
-class Side:
-    """One side of a split, memory-mapped: sentence i is ids[offsets[i]:offsets[i + 1]]."""
+class OnDisk:
+    """A read-only array in a file, read by positioned reads (pread) of the runs asked for. Not memory-mapped: a
+    batch's sentences lie all over the file, and each page fault on a mapping brings in the pages around it too,
+    so a mapped store soon sits in every process's resident memory; read this way, a process holds only its
+    batch, and the ranks still share the files through the page cache."""
 
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray):
+    def __init__(self, path: str | os.PathLike, dtype: Any):
+        self.path, self.dtype = str(path), np.dtype(dtype)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.size = os.path.getsize(self.path) // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            os.close(self.fd)
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy in another process opens the file anew
+        return {"path": self.path, "dtype": self.dtype}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["dtype"])
+
+    def runs(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        n = self.dtype.itemsize
+        return np.frombuffer(b"".join(os.pread(self.fd, int(length) * n, int(start) * n)
+                                      for start, length in zip(starts, lengths)), dtype=self.dtype)
+
+
+def runs(array: np.ndarray | OnDisk, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """array[starts[0]:starts[0] + lengths[0]], array[starts[1]:...], ... back to back, from memory or disk."""
+    if isinstance(array, OnDisk):
+        return array.runs(starts, lengths)
+    if len(starts) == 0:
+        return array[:0]
+    return np.concatenate([array[start:start + length] for start, length in zip(starts, lengths)])
+
+
+def take(array: np.ndarray | OnDisk, indices: np.ndarray) -> np.ndarray:
+    return runs(array, indices, np.ones(len(indices), dtype=np.int64))
+
+
+class Side:
+    """One side of a split: sentence i is ids[offsets[i]:offsets[i + 1]], its length lengths[i]. `ids` and
+    `offsets` are OnDisk in a store (numpy arrays for data made in memory); the lengths are in memory."""
+
+    def __init__(self, ids: np.ndarray | OnDisk, offsets: np.ndarray | OnDisk, lengths: np.ndarray):
         self.ids, self.offsets, self.lengths = ids, offsets, lengths
 
     @classmethod
     def open(cls, stem: str, id_dtype: str, length_dtype: str) -> "Side":
-        ids = np.memmap(f"{stem}.ids", dtype=id_dtype, mode="r") if os.path.getsize(f"{stem}.ids") \
-            else np.zeros(0, dtype=id_dtype)
-        return cls(ids, np.memmap(f"{stem}.offsets", dtype=np.int64, mode="r"),
+        return cls(OnDisk(f"{stem}.ids", id_dtype), OnDisk(f"{stem}.offsets", np.int64),
                    np.fromfile(f"{stem}.lengths", dtype=length_dtype))
 
     @classmethod
@@ -295,25 +343,27 @@ class Side:
         return len(self.lengths)
 
     def head(self, n: int) -> "Side":
-        return Side(self.ids, self.offsets[:n + 1], self.lengths[:n])
+        return Side(self.ids, self.offsets, self.lengths[:n])
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return np.asarray(self.ids[self.offsets[i]:self.offsets[i + 1]], dtype=np.int64)
+        return self.tokens(np.array([i])).astype(np.int64)
+
+    def tokens(self, indices: np.ndarray) -> np.ndarray:
+        """The tokens of sentences `indices`, back to back."""
+        return runs(self.ids, take(self.offsets, indices), self.lengths[indices])
 
     def place(self, indices: np.ndarray, out: np.ndarray, column: np.ndarray | int) -> None:
-        """Write sentence indices[r] into row r of `out` from `column` (per row, or one for all), vectorised:
-        one gather from the memory map for the whole batch."""
+        """Write sentence indices[r] into row r of `out` from `column` (per row, or one for all)."""
         lengths = self.lengths[indices].astype(np.int64)
         cols = np.arange(out.shape[1])[None, :] - np.reshape(column, (-1, 1))
         inside = (cols >= 0) & (cols < lengths[:, None])
-        positions = self.offsets[indices][:, None] + np.where(inside, cols, 0)
-        out[inside] = self.ids[positions[inside]]
+        out[inside] = self.tokens(indices)  # row by row, left to right: the sentences in order
 
 
 class Pairs:
-    """A split of a translation store: `src` and `tgt` sides and the corpus line of each pair."""
+    """A split of a translation store: `src` and `tgt` sides and the corpus line of each pair (`index`)."""
 
-    def __init__(self, src: Side, tgt: Side, index: np.ndarray):
+    def __init__(self, src: Side, tgt: Side, index: np.ndarray | OnDisk):
         self.src, self.tgt, self.index = src, tgt, index
 
     @classmethod
@@ -321,14 +371,18 @@ class Pairs:
         return cls(Side.of(src), Side.of(tgt), np.arange(len(src)))
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.src)
 
     def head(self, n: int) -> "Pairs":
-        return Pairs(self.src.head(n), self.tgt.head(n), self.index[:n])
+        return Pairs(self.src.head(n), self.tgt.head(n), self.index)
+
+    def lines(self, indices: np.ndarray) -> np.ndarray:
+        """The corpus line numbers of pairs `indices`."""
+        return take(self.index, indices).astype(np.int64)
 
 
 class Store:
-    """An opened store: its manifest, tokenizer, and memory-mapped splits."""
+    """An opened store: its manifest, tokenizer, and splits (read from disk as batches ask)."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any]):
         self.directory, self.manifest = directory, manifest
@@ -346,11 +400,11 @@ class Store:
 
     def pairs(self, split: str) -> Pairs:
         return Pairs(self._side(split, "src"), self._side(split, "tgt"),
-                     np.memmap(self.directory / f"{split}.index", dtype=np.int64, mode="r"))
+                     OnDisk(self.directory / f"{split}.index", np.int64))
 
-    def stream(self, split: str) -> np.ndarray:
+    def stream(self, split: str) -> OnDisk:
         """A language model's split: every line's tokens and its EOS, back to back."""
-        return self._side(split, "text").ids
+        return OnDisk(self.directory / f"{split}.text.ids", self.manifest["id_dtype"])
 
     def references(self) -> list[str]:
         path = self.directory / REFERENCES
@@ -459,7 +513,8 @@ class ResumableBatches:
 
 
 class TokenBatches(ResumableBatches):
-    """Padded translation batches: {"src", "tgt_in", "tgt_out", "index", "ntokens", "position"}.
+    """Padded translation batches: {"src", "tgt_in", "tgt_out", "ntokens", "position"}, and "index" (each pair's
+    corpus line) when evaluating.
 
     Training (shuffle=True): a seeded permutation, then a stable sort by length, so that sentences of
     similar length share a batch with random ties; the batch order is shuffled again per epoch.
@@ -479,10 +534,13 @@ class TokenBatches(ResumableBatches):
             order = np.lexsort((self.tgt_lens, self.src_lens))
             return token_batches(self.src_lens, self.tgt_lens, self.max_tokens, order)
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.src_lens))
+        order = np.arange(len(self.src_lens), dtype=np.int32)  # rng.permutation's order, in half the memory
+        rng.shuffle(order)
         # By target length, then source length; stable, so ties stay in random order. (One integer key: half the
         # time of np.lexsort on the two arrays, the same order.)
-        key = self.tgt_lens[order].astype(np.int64) << 32 | self.src_lens[order]
+        key = self.tgt_lens[order].astype(np.uint32) << 16 | self.src_lens[order].astype(np.uint32) \
+            if max(self.tgt_lens.max(), self.src_lens.max()) < 2 ** 16 else \
+            self.tgt_lens[order].astype(np.int64) << 32 | self.src_lens[order]
         order = order[np.argsort(key, kind="stable")]
         batches = token_batches(self.src_lens, self.tgt_lens, self.max_tokens, order)
         rng.shuffle(batches)
@@ -503,9 +561,15 @@ class TokenBatches(ResumableBatches):
         tgt_out = np.full_like(tgt_in, PAD_ID)
         tgt.place(indices, tgt_out, 0)
         tgt_out[rows, lt] = EOS_ID
-        return {"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tgt_in),
-                "tgt_out": torch.from_numpy(tgt_out), "index": torch.from_numpy(np.asarray(self.data.index[indices])),
-                "ntokens": int(lt.sum() + len(indices))}
+        return self._lines({"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tgt_in),
+                            "tgt_out": torch.from_numpy(tgt_out), "ntokens": int(lt.sum() + len(indices))}, indices)
+
+    def _lines(self, batch: dict[str, Any], indices: np.ndarray) -> dict[str, Any]:
+        """Evaluation batches carry each pair's corpus line (`index`), which puts translations back in order;
+        training needs none (one read less per pair)."""
+        if not self.shuffle:
+            batch["index"] = torch.from_numpy(self.data.lines(indices))
+        return batch
 
     def _joint(self, indices: np.ndarray, ls: np.ndarray, lt: np.ndarray) -> dict[str, Any]:
         """Decoder-only translation: inputs BOS source EOS target, predicting the target and its EOS only
@@ -523,9 +587,9 @@ class TokenBatches(ResumableBatches):
         tokens_out = np.full_like(tokens_in, PAD_ID)
         self.data.tgt.place(indices, tokens_out, ls + 1)
         tokens_out[rows, ls + lt + 1] = EOS_ID
-        return {"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tokens_in),
-                "tgt_out": torch.from_numpy(tokens_out), "prefix_len": torch.from_numpy(ls + 2),
-                "index": torch.from_numpy(np.asarray(self.data.index[indices])), "ntokens": int(lt.sum() + len(indices))}
+        return self._lines({"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tokens_in),
+                            "tgt_out": torch.from_numpy(tokens_out), "prefix_len": torch.from_numpy(ls + 2),
+                            "ntokens": int(lt.sum() + len(indices))}, indices)
 
 
 class BlockBatches(ResumableBatches):
@@ -533,7 +597,7 @@ class BlockBatches(ResumableBatches):
     is stream[i * block_size : (i + 1) * block_size + 1] (inputs and next-token targets overlap by one); the
     ragged tail is left out."""
 
-    def __init__(self, stream: np.ndarray, block_size: int, max_tokens: int, shuffle: bool, seed: int = 1,
+    def __init__(self, stream: np.ndarray | OnDisk, block_size: int, max_tokens: int, shuffle: bool, seed: int = 1,
                  rank: int = 0, world: int = 1):
         super().__init__(shuffle, seed, rank, world)
         self.stream, self.block_size = stream, block_size
@@ -548,6 +612,7 @@ class BlockBatches(ResumableBatches):
         return [order[i:i + self.per_batch] for i in range(0, len(order), self.per_batch)]
 
     def collate(self, indices: np.ndarray) -> dict[str, Any]:
-        positions = np.sort(indices)[:, None] * self.block_size + np.arange(self.block_size + 1)
-        rows = torch.from_numpy(self.stream[positions].astype(np.int64))
+        starts = np.sort(indices) * self.block_size
+        tokens = runs(self.stream, starts, np.full(len(starts), self.block_size + 1))
+        rows = torch.from_numpy(tokens.astype(np.int64).reshape(len(starts), self.block_size + 1))
         return {"tgt_in": rows[:, :-1], "tgt_out": rows[:, 1:], "ntokens": int(rows[:, 1:].numel())}

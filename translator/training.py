@@ -373,12 +373,16 @@ def _rank() -> int:
     return int(os.environ.get("NODE_RANK", 0)) * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _wait_for(path: Path, seconds: float = 3600) -> None:
+def _wait_for(opened: Callable[[], Store], seconds: float = 3 * 3600) -> Store:
+    """What `opened` gives once it stops raising StoreError (rank 0 preparing), or a timeout naming why."""
     deadline = time.time() + seconds
-    while not path.is_file():
-        if time.time() > deadline:
-            raise TimeoutError(f"waited {seconds:.0f}s for rank 0 to write {path}")
-        time.sleep(1)
+    while True:
+        try:
+            return opened()
+        except StoreError as e:
+            if time.time() > deadline:
+                raise TimeoutError(f"waited {seconds:.0f}s for rank 0 to prepare the data: {e}") from None
+            time.sleep(1)
 
 
 DATA = "data"  # the store a run prepares for itself, inside its directory
@@ -403,20 +407,21 @@ def open_run_data(recipe: Recipe, run_dir: Path, data_dir: str | None, resume: b
         store = open_store(d.prepared, recipe, data_dir)
     else:
         own = run_dir / DATA
+        # A resumed run that has a tokenizer but no store (from before runs kept one) prepares with its tokenizer.
+        tokenizer = str(run_dir / TOKENIZER) if resume and (run_dir / TOKENIZER).is_file() else None
         if first and not resume and (own / MANIFEST).is_file():
             try:  # left by a start that wrote no checkpoint: reused if it still fits the recipe and corpora
                 open_store(own, recipe, data_dir)
             except StoreError as e:
                 log.info("preparing the data again: %s", e)
-                prepare(recipe, data_dir, own)
+                prepare(recipe, data_dir, own, tokenizer_file=tokenizer)
         elif first and not (own / MANIFEST).is_file():
-            prepare(recipe, data_dir, own)
-        elif not first:
-            _wait_for(own / MANIFEST)
-        # A resumed run reads the store it trained on, even without the corpus files (no --data-dir).
-        store = open_store(own, recipe, data_dir)
+            prepare(recipe, data_dir, own, tokenizer_file=tokenizer)
+        # A resumed run reads the store it trained on, even without the corpus files (no --data-dir). The other
+        # ranks wait until rank 0's store opens.
+        store = open_store(own, recipe, data_dir) if first else _wait_for(lambda: open_store(own, recipe, data_dir))
     tokenizer_file = run_dir / TOKENIZER
-    if first and not tokenizer_file.is_file():
+    if first and (not resume or not tokenizer_file.is_file()):
         shutil.copyfile(store.tokenizer_file, tokenizer_file)
     elif first and tokenizer_file.read_bytes() != store.tokenizer_file.read_bytes():
         raise CheckpointError(f"{tokenizer_file}: not the sentencepiece model of the store {store.directory}")
@@ -476,7 +481,7 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
                          "filesystem every node sees (or at the same path on each node), then train --prepared")
     recipe, store = open_run_data(recipe, run_dir, data_dir, resume)
     make_train, make_valid, references = _loaders(recipe, store)
-    module = TranslationModule(recipe.to_dict(), str(run_dir / TOKENIZER), references)
+    module = TranslationModule(recipe.to_dict(), str(store.tokenizer_file), references)  # every rank has it
 
     bleu = references and t.val_bleu != "none"
     monitor = ("val/bleu", "max") if bleu else ("val/loss", "min")
