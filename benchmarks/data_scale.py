@@ -122,7 +122,8 @@ def loader_rate(loader, plan, seconds: float = 10.0) -> int:
 
 
 def child_loader(store_dir: str) -> dict:
-    from translator.store import TokenBatches, open_store
+    from translator.batching import TokenBatches
+    from translator.store import open_store
 
     store = open_store(store_dir)
     start = time.perf_counter()

@@ -29,7 +29,8 @@ from hf_marian import marian_config  # noqa: E402
 from translator import ModelConfig, build_model, count_parameters  # noqa: E402
 from translator.config import load_recipe  # noqa: E402
 from translator.data import PAD_ID, Tokenizer  # noqa: E402
-from translator.store import StoreError, TokenBatches, open_store, prepare  # noqa: E402
+from translator.batching import TokenBatches  # noqa: E402
+from translator.store import StoreError, open_store, prepare  # noqa: E402
 from translator.training import label_smoothed_loss  # noqa: E402
 
 H100_BF16_PEAK = 989e12

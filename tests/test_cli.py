@@ -19,7 +19,8 @@ def run(args, capsys):
 def test_every_command_has_useful_help(capsys):
     from translator.cli import EXAMPLES
 
-    assert set(EXAMPLES) == {"train", "prepare", "translate", "score", "evaluate", "average", "export", "generate"}
+    assert set(EXAMPLES) == {"train", "prepare", "translate", "score", "evaluate", "average", "export", "plot",
+                             "generate"}
     for command in EXAMPLES:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
@@ -225,3 +226,59 @@ def test_overrides_only_for_train(capsys):
     with pytest.raises(SystemExit):
         main(["score", "--hyp", "a", "--ref", "b", "--train.max_tokens=3"])
     assert "only apply to train" in capsys.readouterr().err
+
+
+def test_plot_draws_the_learning_curves_of_a_run(toy_model_dir, tmp_path, capsys):
+    from translator.plot import read_metrics
+
+    run_dir, _ = toy_model_dir
+    metrics = read_metrics(run_dir)
+    bleu = [b for _, b in metrics["val/bleu"]]
+    assert [s for s, _ in metrics["val/bleu"]] == [80, 160, 240] and bleu[-1] > bleu[0]
+    assert len(metrics["tok_s"]) > 10 and metrics["train/loss"][0][0] == 10  # logged every log_every steps
+    code, out, err = run(["plot", run_dir, "-o", tmp_path / "curves.png"], capsys)
+    assert code == 0 and out.strip() == f"learning curves: {tmp_path / 'curves.png'}", err
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "curves.png").stat().st_size > 20_000  # four panels drawn
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run(["plot", run_dir, "-o", tmp_path / "notes.txt"], capsys)
+    assert code == 1 and "notes.txt: exists and is not a PNG picture" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def readme_commands():
+    """Every `translator ...` command line in the README's and benchmarks README's shell blocks, continuation
+    lines joined, comments dropped."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    commands = []
+    for doc in (root / "README.md", root / "benchmarks" / "README.md"):
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words and words[0] == "translator":
+                    shell = [i for i, w in enumerate(words) if w in ("<", ">", "|", "&&")]  # redirections, pipes
+                    commands.append(words[1:shell[0] if shell else None])
+    return commands
+
+
+def test_every_command_in_the_readme_parses():
+    """The README cannot drift from the CLI: each command line it shows is accepted by the parser (flags,
+    choices, required options, recipe overrides where they apply)."""
+    from translator.cli import build_parser, split_overrides
+
+    commands = readme_commands()
+    assert len(commands) >= 15 and {c[0] for c in commands} >= {"train", "prepare", "translate", "score", "evaluate",
+                                                                  "average", "export", "plot", "generate"}
+    for argv in commands:
+        parser = build_parser()
+        try:
+            args, extra = parser.parse_known_args(argv)
+        except SystemExit:
+            pytest.fail(f"README command does not parse: translator {' '.join(argv)}")
+        overrides, unknown = split_overrides(extra)
+        assert not unknown, f"unknown arguments {unknown} in: translator {' '.join(argv)}"
+        assert not overrides or args.command in ("train", "prepare"), argv

@@ -1,11 +1,14 @@
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
 from translator.data import BOS_ID, EOS_ID, PAD_ID, DataError, Tokenizer, iter_pairs, load_corpus, read_lines, read_segments
 
 from .conftest import shared_data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(path, lines, gz=False):
@@ -135,3 +138,43 @@ def test_tokenizer_errors_are_clear(tmp_path):
         Tokenizer(tmp_path / "absent.model")
     with pytest.raises(DataError, match="empty corpus"):
         Tokenizer.train(["", ""], tmp_path / "y.model", vocab_size=50)
+
+
+def test_a_corpus_falls_back_to_the_hub_when_its_files_are_absent(tmp_path, monkeypatch):
+    """The Multi30k recipes name the local files, then bentrevett/multi30k on the hub: a local directory of the
+    same name stands in for the hub (datasets loads a local directory before asking the hub)."""
+    from translator.config import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    hub = tmp_path / "bentrevett" / "multi30k"
+    hub.mkdir(parents=True)
+    for split, n in (("train", 30), ("validation", 5), ("test", 4)):
+        (hub / f"{split}.jsonl").write_text("\n".join(json.dumps({"en": f"{split} sentence {i}", "de": f"{split} Satz {i}"})
+                                                      for i in range(n)))
+    recipe = load_recipe(ROOT / "recipes/multi30k/en_de.yaml")
+    data_dir = tmp_path / "empty"
+    data_dir.mkdir()
+    test = load_corpus(recipe.data.test, "en", "de", data_dir)
+    assert test.src == [f"test sentence {i}" for i in range(4)] and "bentrevett/multi30k" in test.name
+    assert list(iter_pairs(recipe.data.valid, "en", "de", data_dir))[-1] == ("validation sentence 4", "validation Satz 4")
+    lm = load_recipe(ROOT / "recipes/lm/multi30k_de.yaml")
+    from translator.data import iter_text_lines
+
+    assert list(iter_text_lines(lm.data.train, "de", data_dir))[:2] == ["train Satz 0", "train Satz 1"]
+    # Files there win over the hub.
+    (data_dir / "multi30k").mkdir()
+    write(data_dir / "multi30k" / "test_2016_flickr.en.gz", ["local"], gz=True)
+    write(data_dir / "multi30k" / "test_2016_flickr.de.gz", ["lokal"], gz=True)
+    assert load_corpus(recipe.data.test, "en", "de", data_dir).tgt == ["lokal"]
+    # Neither there (offline, no files): one line saying where the files go.
+    import shutil
+
+    shutil.rmtree(tmp_path / "bentrevett")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as this machine is (without the wait to learn it)
+    with pytest.raises(DataError) as error:
+        load_corpus(recipe.data.train, "en", "de", data_dir)
+    message = str(error.value)
+    assert "\n" not in message and "missing file(s)" in message and "bentrevett/multi30k" in message
+    assert message.endswith(f"Put the files into {data_dir}")

@@ -24,9 +24,9 @@ def test_ctranslate2_greedy_equals_ours(toy_model_dir, tmp_path):
 
     translator = ctranslate2.Translator(str(out), device="cpu", compute_type="float32")
     pieces = [[tokenizer.sp.id_to_piece(i) for i in s] for s in sources]
-    # Our limit is per sentence (a * source length with EOS + b); CTranslate2's is per call: one call per limit,
-    # so that a sentence that never ends stops at the same length in both.
-    limits = [int(options.max_len_a * (len(s) + 1) + options.max_len_b) for s in sources]
+    # Our limit is per sentence (a * source length + b, the source's EOS not counted); CTranslate2's is per call:
+    # one call per limit, so that a sentence that never ends stops at the same length in both.
+    limits = [int(options.max_len_a * len(s) + options.max_len_b) for s in sources]
     theirs = [None] * len(sources)
     for limit in set(limits):
         rows = [i for i, n in enumerate(limits) if n == limit]
@@ -65,3 +65,21 @@ def test_export_replaces_an_earlier_export(toy_model_dir, tmp_path):
                 "int8"]) == 0
     assert (out / "model.bin").stat().st_size < float32 / 2 and (out / "spm.model").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]  # no staging or old copies left beside it
+
+
+def test_hugging_face_export_translates_like_translate_beam_1(toy_model_dir, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers", reason="transformers is in the test extras")
+    run, data_dir = toy_model_dir
+    out = tmp_path / "hf"
+    assert cli(["export", "--model", str(run), "--format", "huggingface", "-o", str(out)]) == 0
+    lines = (data_dir / "toy" / "valid.en").read_text().splitlines()[:24]
+    source = tmp_path / "in.en"
+    source.write_text("".join(line + "\n" for line in lines))
+    capsys.readouterr()
+    assert cli(["translate", "--model", str(run), "-i", str(source), "--beam", "1"]) == 0
+    ours = capsys.readouterr().out.splitlines()
+    pipe = transformers.pipeline("translation", model=str(out), device="cpu")
+    theirs = [r["translation_text"] for r in pipe(lines, num_beams=1)]
+    assert len(set(ours)) > 15 and theirs == ours
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(out))  # the other way users load it
+    assert model.generation_config.num_beams == 2 and model.generation_config.bad_words_ids == [[0], [1]]

@@ -335,3 +335,36 @@ def test_tokens_per_second_leave_validation_time_out(toy_run, tmp_path, monkeypa
              for i, row in enumerate(rows[:-1]) if row.get("val/loss")]
     assert len(rates) >= 9 and len(after) == 2
     assert min(after) > 0.2 * statistics.median(rates), (after, rates)
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_another_runs_weights_and_tokenizer(toy_model_dir, tmp_path, capsys):
+    from translator.checkpoint import read_weights
+
+    run, data_dir = toy_model_dir
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text((run / "config.yaml").read_text())
+    tuned = tmp_path / "tuned"
+    # With a learning rate of zero the weights stay where they started: exactly the other run's.
+    assert main(["train", "--config", str(recipe), "--init-from", str(run), "--data-dir", str(data_dir), "--out",
+                 str(tuned), "--max-steps", "2", "--no-progress", "--train.lr_scale=0.0"]) == 0
+    start, ours = read_weights(run / "model.safetensors"), read_weights(tuned / "model.safetensors")
+    assert all(torch.equal(start[k], ours[k]) for k in start)
+    assert (tuned / "spm.model").read_bytes() == (run / "spm.model").read_bytes()
+    assert load_recipe(tuned / "config.yaml").train.init_from == str(run.resolve())
+    capsys.readouterr()
+    code = main(["train", "--config", str(recipe), "--init-from", str(run), "--data-dir", str(data_dir), "--out",
+                 str(tmp_path / "other"), "--model.d_ff=256", "--model.dropout=0.3"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the recipe's model differs from that run's: d_ff=256 (its 128)" in err, err
+
+
+@pytest.mark.slow
+def test_patience_stops_when_validation_stops_improving(toy_run, tmp_path):
+    data_dir, recipe_path = toy_run
+    # A zero learning rate: the validation loss never improves after the first validation.
+    run = fit(load_recipe(recipe_path, ["train.lr_scale=0.0", "train.val_every=5", "train.val_bleu=none",
+                                        "train.patience=2", "train.save_every=5"]),
+              tmp_path / "run", data_dir=str(data_dir), max_steps=100, progress_bar=False)
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 15
+    assert (run / "checkpoints/best.ckpt").is_file()

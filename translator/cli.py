@@ -6,13 +6,13 @@ Errors print as one line (`translator: error: ...`) with a non-zero exit; `--deb
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, TextIO
+
+from .lines import chunks, one_line, output, read_input, translate_lines
 
 log = logging.getLogger("translator")
 
@@ -24,6 +24,7 @@ EXAMPLES = {
     "evaluate": "translator evaluate --model runs/en_de --split test --data-dir ../shared/data",
     "average": "translator average --model runs/en_de --last 5 -o runs/en_de/model.safetensors",
     "export": "translator export --model runs/en_de --format ctranslate2 -o runs/en_de_ct2",
+    "plot": "translator plot runs/en_de",
     "generate": "translator generate --model runs/lm_multi30k_de --prompt 'Ein Hund' --max-new-tokens 30 --top-p 0.9",
 }
 
@@ -51,6 +52,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         args.config = str(run_dir / "config.yaml")
     if args.prepared:
         overrides = [*overrides, f"data.prepared={args.prepared}"]
+    if args.init_from:
+        overrides = [*overrides, f"train.init_from={args.init_from}"]
     recipe = load_recipe(args.config, overrides)
     accelerator = {"auto": None, "cpu": "cpu", "cuda": "gpu"}[args.device]
     fit(recipe, run_dir, data_dir=args.data_dir, resume=args.resume, max_steps=args.max_steps,
@@ -86,100 +89,6 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 # -- translate ---------------------------------------------------------------------------------------------------
-
-def _read_input(path: str | None) -> Iterator[str]:
-    """Lines of a UTF-8 file or stdin, split on '\\n' only (never on the other characters Python's splitlines
-    treats as breaks), with a clear error naming the line on bad bytes. A regular file is checked whole before
-    its first line is given out, so a bad byte near its end does not throw away hours of translating; a pipe
-    (stdin, /dev/stdin, <(...)) can be read only once, so it is checked as it streams."""
-    path = None if path == "-" else path
-    if path and Path(path).is_file():
-        for _ in _decoded_lines(path, "; nothing was translated"):
-            pass
-        yield from _decoded_lines(path, "")
-    else:
-        yield from _decoded_lines(path, "; stopped at this line")
-
-
-def _decoded_lines(path: str | None, consequence: str) -> Iterator[str]:
-    stream = open(path, "rb") if path else sys.stdin.buffer
-    try:
-        for number, raw in enumerate(stream, 1):
-            try:
-                yield raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path or '<stdin>'}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
-                                 f"column {e.start + 1}){consequence}") from None
-    finally:
-        if stream is not sys.stdin.buffer:
-            stream.close()
-
-
-def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
-    if size < 1:
-        raise ValueError(f"--chunk-lines must be positive (got {size})")
-    chunk: list[str] = []
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-@contextlib.contextmanager
-def _output(path: str | None) -> Iterator[TextIO]:
-    """stdout; a file, written under a temporary name and renamed when complete (never half-written); or
-    something that is not a plain file (/dev/stdout, a pipe, a symlink), written straight through: renaming over
-    it would replace the device or link itself."""
-    if not path or path == "-":
-        yield sys.stdout
-        sys.stdout.flush()
-        return
-    target = Path(path)
-    if target.is_symlink() or (target.exists() and not target.is_file()):
-        with open(target, "w", encoding="utf-8", newline="\n") as stream:
-            yield stream
-        return
-    from .data import atomic_file
-
-    target.parent.mkdir(parents=True, exist_ok=True)  # as average and export do for their outputs
-    with atomic_file(target) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as stream:
-        yield stream
-
-
-def _one_line(text: str) -> str:
-    # Byte-fallback pieces can decode to line breaks; a translation must stay on its line.
-    return text.replace("\r", " ").replace("\n", " ")
-
-
-def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "beam", nbest: int = 1,
-                    sampling: dict | None = None, generator=None, draft=None,
-                    draft_k: int = 4) -> tuple[list[list[str]], int]:
-    """Translate raw lines: empty or whitespace-only lines give empty output without touching the model;
-    sources longer than the model's positions are truncated. Returns, per line, `nbest` translations,
-    and how many lines were truncated. With a `draft` model: speculative greedy decoding or sampling."""
-    from .inference import source_limit, speculative_ids, translate_ids
-
-    limit = source_limit(model)
-    texts = [line.strip() for line in lines]
-    todo = [i for i, text in enumerate(texts) if text]
-    ids = tokenizer.encode([texts[i] for i in todo])
-    truncated = sum(len(x) > limit for x in ids)
-    if draft is not None:
-        found, rate = speculative_ids(model, draft, [x[:limit] for x in ids], options, k=draft_k, sampling=sampling,
-                                      generator=generator)
-        outputs = [[tokens] for tokens in found]
-        log.debug("speculative decoding: %.1f%% of draft tokens accepted", 100 * rate)
-    else:
-        outputs = translate_ids(model, [x[:limit] for x in ids], options, mode=mode, nbest=nbest, sampling=sampling,
-                                generator=generator)
-    results: list[list[str]] = [[""] * nbest for _ in lines]
-    for i, hyps in zip(todo, outputs):
-        results[i] = [_one_line(t) for t in tokenizer.decode(hyps)]
-    return results, truncated
-
 
 def _decode_options(recipe, args):
     import dataclasses
@@ -247,8 +156,8 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
         if draft_tokenizer.sp.serialized_model_proto() != tokenizer.sp.serialized_model_proto():
             raise ValueError(f"{args.draft} has another sentencepiece model than {args.model}; a draft must share it")
     count = truncated = 0
-    with _output(args.output) as out:
-        for chunk in _chunks(_read_input(args.input), args.chunk_lines):
+    with output(args.output) as out:
+        for chunk in chunks(read_input(args.input), args.chunk_lines):
             results, cut = translate_lines(model, tokenizer, chunk, options, mode, 1 if args.sample else args.nbest,
                                            sampling, generator, draft, args.draft_k)
             for i, hyps in enumerate(results, count):
@@ -281,19 +190,19 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
                          "use translate")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be positive")
-    prompts = iter([args.prompt]) if args.prompt is not None else _read_input(args.input)
+    prompts = iter([args.prompt]) if args.prompt is not None else read_input(args.input)
     mode = "greedy" if args.greedy else "sample"
     sampling = _sampling(args)
     sampling = None if args.greedy else sampling
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
-    with _output(args.output) as out:
-        for chunk in _chunks(prompts, args.chunk_lines):
+    with output(args.output) as out:
+        for chunk in chunks(prompts, args.chunk_lines):
             texts = [line.strip() for line in chunk]
             ids = [x if text else [] for x, text in zip(tokenizer.encode(texts), texts)]
             continuations = generate_ids(model, ids, args.max_new_tokens, mode, sampling, generator)
             for text, cont in zip(texts, tokenizer.decode(continuations)):
                 line = f"{text} {cont}".strip() if args.echo else cont
-                out.write(_one_line(line) + "\n")
+                out.write(one_line(line) + "\n")
             out.flush()
     return 0
 
@@ -409,14 +318,31 @@ def cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
 # -- export ------------------------------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .export import to_ctranslate2
+    from . import export
 
+    package = {"ctranslate2": "ctranslate2", "huggingface": "transformers"}[args.format]
     try:
-        import ctranslate2  # noqa: F401
+        __import__(package)
     except ImportError:
-        raise RuntimeError("export --format ctranslate2 needs the ctranslate2 package: pip install ctranslate2") from None
-    out = to_ctranslate2(args.model, args.output, args.quantization)
+        raise RuntimeError(f"export --format {args.format} needs the {package} package: pip install {package}") from None
+    if args.format == "huggingface":
+        if args.quantization:
+            raise ValueError("--quantization applies to --format ctranslate2")
+        out = export.to_huggingface(args.model, args.output)
+        print(f"wrote a Hugging Face MarianMT model and tokenizer to {out} "
+              "(transformers.pipeline('translation', model=...) loads it)")
+        return 0
+    out = export.to_ctranslate2(args.model, args.output, args.quantization)
     print(f"wrote a CTranslate2 model to {out} (with spm.model for tokenization)")
+    return 0
+
+
+# -- plot --------------------------------------------------------------------------------------------------------
+
+def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .plot import plot_run
+
+    print(f"learning curves: {plot_run(args.model, args.output)}")
     return 0
 
 
@@ -475,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", help="Lightning strategy: auto, ddp, fsdp, ...")
     p.add_argument("--prepared", help="a token store written by translator prepare (default: train prepares one "
                                       "into RUN/data, or reuses it there)")
+    p.add_argument("--init-from", help="fine-tune: start from this run's weights and tokenizer (same model settings; "
+                                       "new data and schedule)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true",
                    help="log lines instead of a progress bar (the default when stderr is not a terminal)")
@@ -510,11 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round")
     p.set_defaults(func=cmd_translate)
 
-    p = command("export", "export a model to another runtime (CTranslate2)",
-                "Write a CTranslate2 model directory from a run directory, for deployment on its runtime\n"
-                "(ctranslate2.Translator; tokenize with the spm.model written beside it).")
+    p = command("export", "export a model to another runtime (CTranslate2, Hugging Face transformers)",
+                "Write a model directory for another runtime: CTranslate2 (ctranslate2.Translator; tokenize with\n"
+                "the spm.model written beside it), or Hugging Face transformers (a MarianMT model with its\n"
+                "tokenizer: from_pretrained and pipeline('translation') load it).")
     p.add_argument("--model", required=True, help="run directory, or a .safetensors/.ckpt file inside one")
-    p.add_argument("--format", choices=["ctranslate2"], default="ctranslate2")
+    p.add_argument("--format", choices=["ctranslate2", "huggingface"], default="ctranslate2")
     p.add_argument("-o", "--output", required=True,
                    help="output directory; an earlier export there is replaced once the new one is complete, any "
                         "other existing path refused")
@@ -536,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-lines", type=int, default=10000, help="prompts read, generated and written at a time")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_generate)
+
+    p = command("plot", "draw a run's learning curves as a PNG",
+                "Loss, validation BLEU (or perplexity) and tokens/s against steps and wall time, from the run's\n"
+                "logs (all its restarts), drawn into RUN/curves.png or -o FILE.")
+    p.add_argument("model", metavar="RUN", help="run directory")
+    p.add_argument("-o", "--output", help="the PNG to write (default: RUN/curves.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = command("score", "score translations with sacreBLEU",
                 "sacreBLEU (BLEU, chrF, TER) of a hypothesis file against one or more reference files,\n"
@@ -572,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
+    """Arguments argparse did not know: recipe overrides (--section.key=value) and the rest (errors)."""
+    overrides = [a for a in extra if a.startswith("--") and "." in a.split("=")[0]]
+    return overrides, [a for a in extra if a not in overrides]
+
+
 def _setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -584,8 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    overrides = [a for a in extra if a.startswith("--") and "." in a.split("=")[0]]
-    unknown = [a for a in extra if a not in overrides]
+    overrides, unknown = split_overrides(extra)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if overrides and args.command not in ("train", "prepare"):

@@ -118,7 +118,8 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
     checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
               "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
               "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
-              "dict": lambda v: isinstance(v, dict), "None": lambda v: v is None}
+              "dict": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list),
+              "None": lambda v: v is None}
     if any(checks[t](value) for t in allowed if t in checks):
         return
     raise ConfigError(f"{name}={value!r} has type {type(value).__name__}; expected {annotation}")
@@ -151,10 +152,11 @@ class DataConfig:
     src_lang: str = "en"
     tgt_lang: str = "de"
     # A corpus is a file pattern relative to the data directory, e.g. "multi30k/train.{lang}.gz" (plain, .gz,
-    # IWSLT .xml or WMT .sgm), or a Hugging Face datasets spec {hub: wmt14, config: de-en, split: train}.
-    train: str | dict | None = None
-    valid: str | dict | None = None
-    test: str | dict | None = None
+    # IWSLT .xml or WMT .sgm), or a Hugging Face datasets spec {hub: wmt14, config: de-en, split: train}, or a
+    # list of such alternatives, the first available taken (local files, else the hub).
+    train: str | dict | list | None = None
+    valid: str | dict | list | None = None
+    test: str | dict | list | None = None
     max_len: int = 256  # training pairs with a side longer than this (in tokens) are dropped, and counted
     # Training pairs whose longer side has more than max_ratio times the tokens of the shorter are dropped and
     # counted (Moses clean-corpus-n's filter; fairseq's WMT14 script uses 1.5). 0: off.
@@ -196,6 +198,12 @@ class TrainConfig:
     save_every: int = 1000  # steps between the checkpoints kept for averaging
     keep_last: int = 5  # how many of those to keep
     log_every: int = 50
+    # Fine-tuning: start from this run's weights and tokenizer (its model settings must match; the optimizer
+    # and schedule start anew). None: from scratch.
+    init_from: str | None = None
+    # Stop when validation BLEU (or loss, without BLEU) has not improved for this many validations; 0: never.
+    # checkpoints/best.ckpt keeps the best.
+    patience: int = 0
     compile: bool = False  # torch.compile: pays on fixed shapes (decoder-only blocks); batches by tokens recompile
     accelerator: str = "auto"
     devices: int | str = "auto"
@@ -283,6 +291,7 @@ class Recipe:
              "needs a, b >= 0, not both 0"),
             (self.data.max_ratio == 0 or self.data.max_ratio >= 1,
              f"data.max_ratio={self.data.max_ratio}: must be at least 1 (or 0: no ratio filter)"),
+            (t.patience >= 0, f"train.patience={t.patience} must not be negative (0: no early stopping)"),
             (t.val_every >= 0, f"train.val_every={t.val_every} must not be negative (0: once per epoch)"),
             (self.tokenizer.vocab_size >= 8, f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small"),
             (t.adam_betas is None or (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas)),

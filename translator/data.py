@@ -110,8 +110,32 @@ def resolve_files(spec: str, src_lang: str, tgt_lang: str, data_dir: str | os.Pa
     return (src if src.is_absolute() else base / src), (tgt if tgt.is_absolute() else base / tgt)
 
 
-def corpus_files(spec: str | dict[str, Any], langs: Sequence[str], data_dir: str | os.PathLike | None) -> list[Path]:
+Spec = str | dict[str, Any] | list  # a list: alternatives, the first available taken
+
+
+def choose(spec: Spec, langs: Sequence[str], data_dir: str | os.PathLike | None) -> str | dict[str, Any]:
+    """A corpus spec as it is, or, for a list of alternatives (e.g. local files, then the same corpus on the
+    hub), the first that is there: files that exist, or a `datasets` corpus that opens. None there: one line
+    that names what was tried and where files would go."""
+    if not isinstance(spec, list):
+        return spec
+    tried = []
+    for alternative in spec:
+        try:
+            if isinstance(alternative, dict):  # opens, and has a first row of the right columns
+                next(iter_hub_pairs(alternative, langs[0], langs[-1]))
+            else:
+                corpus_files(alternative, langs, data_dir)
+            return alternative
+        except DataError as e:
+            tried.append(str(e))
+    where = f"into {data_dir}" if data_dir is not None else "beside it (or pass --data-dir)"
+    raise DataError(f"no alternative of the corpus is available: {'; '.join(tried)}. Put the files {where}")
+
+
+def corpus_files(spec: Spec, langs: Sequence[str], data_dir: str | os.PathLike | None) -> list[Path]:
     """The files a corpus spec reads (none for a `datasets` spec), checked to exist."""
+    spec = choose(spec, langs, data_dir)
     if isinstance(spec, dict):
         return []
     if len(langs) == 1:  # monolingual: {lang} optional
@@ -126,10 +150,12 @@ def corpus_files(spec: str | dict[str, Any], langs: Sequence[str], data_dir: str
     return paths
 
 
-def iter_pairs(spec: str | dict[str, Any], src_lang: str, tgt_lang: str,
+def iter_pairs(spec: Spec, src_lang: str, tgt_lang: str,
                data_dir: str | os.PathLike | None = None) -> Iterator[tuple[str, str]]:
     """(source, target) lines of a parallel corpus, as a stream: a file pattern (plain, .gz, IWSLT xml, WMT sgm)
-    or a `datasets` spec {hub: NAME, config: C, split: S}. Misaligned or empty corpora stop it, named."""
+    or a `datasets` spec {hub: NAME, config: C, split: S}, or a list of alternatives (see `choose`). Misaligned
+    or empty corpora stop it, named."""
+    spec = choose(spec, (src_lang, tgt_lang), data_dir)
     if isinstance(spec, dict):
         yield from iter_hub_pairs(spec, src_lang, tgt_lang)
         return
@@ -147,9 +173,10 @@ def iter_pairs(spec: str | dict[str, Any], src_lang: str, tgt_lang: str,
         raise DataError(f"{src_path}: empty corpus")
 
 
-def load_corpus(spec: str | dict[str, Any], src_lang: str, tgt_lang: str,
+def load_corpus(spec: Spec, src_lang: str, tgt_lang: str,
                 data_dir: str | os.PathLike | None = None) -> Corpus:
     """A whole parallel corpus in memory (for evaluation sets; training data goes through store.prepare)."""
+    spec = choose(spec, (src_lang, tgt_lang), data_dir)
     pairs = list(iter_pairs(spec, src_lang, tgt_lang, data_dir))
     name = _hub_name(spec) if isinstance(spec, dict) else str(resolve_files(spec, src_lang, tgt_lang, data_dir)[0])
     return Corpus([s for s, _ in pairs], [t for _, t in pairs], name=name)
@@ -188,6 +215,8 @@ def iter_hub_pairs(spec: dict[str, Any], src_lang: str, tgt_lang: str) -> Iterat
                             f"{sorted(first['translation'])}")
     elif src_lang in first and tgt_lang in first:
         pick = lambda row: (row[src_lang], row[tgt_lang])
+    elif src_lang == tgt_lang and "text" in first:  # monolingual: a language's column, else 'text'
+        pick = lambda row: (row["text"], row["text"])
     else:
         raise DataError(f"{where}: needs a 'translation' column or columns {src_lang!r} and {tgt_lang!r}; "
                         f"found {sorted(first)}")
@@ -202,11 +231,12 @@ def iter_hub_pairs(spec: dict[str, Any], src_lang: str, tgt_lang: str) -> Iterat
         yield s.strip(), t.strip()
 
 
-def iter_text_lines(spec: str | dict[str, Any], lang: str, data_dir: str | os.PathLike | None = None) -> Iterator[str]:
+def iter_text_lines(spec: Spec, lang: str, data_dir: str | os.PathLike | None = None) -> Iterator[str]:
     """Monolingual lines (task lm): a file pattern ({lang} optional) relative to data_dir, or a datasets spec
-    whose rows have a 'text' column."""
+    whose rows have the language's column (or a 'text' one)."""
+    spec = choose(spec, (lang,), data_dir)
     if isinstance(spec, dict):
-        yield from (s for s, _ in iter_hub_pairs(spec, "text", "text"))
+        yield from (s for s, _ in iter_hub_pairs(spec, lang, lang))
         return
     (path,) = corpus_files(spec, (lang,), data_dir)
     n = 0

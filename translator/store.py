@@ -5,7 +5,7 @@ tokenizes chunk by chunk with sentencepiece's threads, applies the training filt
 side the token ids back to back with their offsets and lengths; the manifest comes last. `open_store`
 reads it with positioned reads: a process holds only the batch it reads, and the ranks of a run share the
 files through the page cache.
-Batch plans come from the length arrays alone (fairseq's indexed datasets work the same way). No library
+Batch plans come from the length arrays alone (`batching.py`; fairseq's indexed datasets work the same way). No library
 does this for parallel text with our batching (fairseq's is part of fairseq; `datasets` keeps Arrow rows,
 not a token stream), hence the code here.
 
@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-import torch
 
 from .config import Recipe
-from .data import (BOS_ID, EOS_ID, PAD_ID, DataError, Tokenizer, corpus_files, iter_pairs, iter_text_lines,
+from .data import (EOS_ID, DataError, Tokenizer, corpus_files, iter_pairs, iter_text_lines,
                    write_atomic)
 
 log = logging.getLogger(__name__)
@@ -441,178 +440,3 @@ def open_store(directory: str | os.PathLike, recipe: Recipe | None = None,
             raise StoreError(f"{directory}: {', '.join(changed) or 'the corpus files'} changed since the store was "
                              "prepared; prepare it again")
     return Store(directory, manifest)
-
-
-# -- Batches ------------------------------------------------------------------------------------------------------
-
-def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, order: np.ndarray) -> list[np.ndarray]:
-    """Cut `order` into consecutive batches, each the longest run whose padded size (batch size x longest side)
-    fits max_tokens; a sentence longer than max_tokens gets a batch of its own. A loop over batches, not
-    sentences: each batch's size comes from a running maximum over a window."""
-    lengths = np.maximum(src_lens, tgt_lens)[order]
-    batches, start, n = [], 0, len(order)
-    while start < n:
-        window = lengths[start:start + max_tokens // int(lengths[start]) + 1]  # no batch holds more
-        padded = np.maximum.accumulate(window) * np.arange(1, len(window) + 1)
-        count = max(1, int(np.searchsorted(padded, max_tokens, side="right")))
-        batches.append(order[start:start + count])
-        start += count
-    return batches
-
-
-class ResumableBatches:
-    """An iterable of batches for Lightning, shuffled per epoch under a seed, resumable mid-epoch.
-
-    Each batch carries its `position`, (epoch, index). The epoch advances when a pass is exhausted (not when
-    Lightning says so: a run stopped by max_steps ends Lightning's epoch early). A run killed mid-epoch saves
-    the position after the last batch it trained; `resume_at` set to it makes the next pass continue from
-    there (the batches themselves are a pure function of seed and epoch). Subclasses say what the batches
-    of an epoch are (`plan`) and how one is built (`collate`)."""
-
-    def __init__(self, shuffle: bool, seed: int, rank: int, world: int):
-        self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
-        self.epoch = 0
-        self.resume_at: tuple[int, int] | None = None
-        self._planned: tuple[int, list[np.ndarray]] | None = None
-
-    def plan(self, epoch: int) -> list[np.ndarray]:
-        raise NotImplementedError
-
-    def collate(self, indices: np.ndarray) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def batches(self, epoch: int) -> list[np.ndarray]:
-        """This rank's batches of an epoch: every world-th of the plan, trimmed so that every rank gets as many.
-        Kept for the epoch (Lightning asks for the length, then iterates)."""
-        if self._planned is None or self._planned[0] != epoch:
-            batches = self.plan(epoch)
-            usable = len(batches) - len(batches) % self.world if self.shuffle else len(batches)
-            self._planned = (epoch, batches[:usable][self.rank::self.world])
-        return self._planned[1]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.batches(self.epoch))
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        start = 0
-        if self.resume_at is not None:
-            self.epoch, start = self.resume_at
-            self.resume_at = None
-        batches = self.batches(self.epoch)
-        if start >= len(batches):  # the run stopped exactly at the end of a pass
-            self.epoch, start, batches = self.epoch + 1, 0, self.batches(self.epoch + 1)
-        for index in range(start, len(batches)):
-            batch = self.collate(batches[index])
-            batch["position"] = (self.epoch, index)
-            yield batch
-        if self.shuffle:
-            self.epoch += 1
-
-
-class TokenBatches(ResumableBatches):
-    """Padded translation batches: {"src", "tgt_in", "tgt_out", "ntokens", "position"}, and "index" (each pair's
-    corpus line) when evaluating.
-
-    Training (shuffle=True): a seeded permutation, then a stable sort by length, so that sentences of
-    similar length share a batch with random ties; the batch order is shuffled again per epoch.
-    Evaluation (shuffle=False): sorted by length, the same batches every time; `index` restores line order."""
-
-    def __init__(self, data: Pairs, max_tokens: int, shuffle: bool, seed: int = 1, rank: int = 0, world: int = 1,
-                 joint: bool = False):
-        super().__init__(shuffle, seed, rank, world)
-        self.data, self.max_tokens, self.joint = data, max_tokens, joint
-        self.src_lens = data.src.lengths.astype(np.int32) + 1  # + EOS
-        self.tgt_lens = data.tgt.lengths.astype(np.int32) + 1  # + BOS (input) or EOS (output)
-        if joint:  # decoder-only translation: one sequence BOS source EOS target (EOS)
-            self.src_lens = self.tgt_lens = self.src_lens + self.tgt_lens
-
-    def plan(self, epoch: int) -> list[np.ndarray]:
-        if not self.shuffle:
-            order = np.lexsort((self.tgt_lens, self.src_lens))
-            return token_batches(self.src_lens, self.tgt_lens, self.max_tokens, order)
-        rng = np.random.default_rng([self.seed, epoch])
-        order = np.arange(len(self.src_lens), dtype=np.int32)  # rng.permutation's order, in half the memory
-        rng.shuffle(order)
-        # By target length, then source length; stable, so ties stay in random order. (One integer key: half the
-        # time of np.lexsort on the two arrays, the same order.)
-        key = self.tgt_lens[order].astype(np.uint32) << 16 | self.src_lens[order].astype(np.uint32) \
-            if max(self.tgt_lens.max(), self.src_lens.max()) < 2 ** 16 else \
-            self.tgt_lens[order].astype(np.int64) << 32 | self.src_lens[order]
-        order = order[np.argsort(key, kind="stable")]
-        batches = token_batches(self.src_lens, self.tgt_lens, self.max_tokens, order)
-        rng.shuffle(batches)
-        return batches
-
-    def collate(self, indices: np.ndarray) -> dict[str, Any]:
-        src, tgt = self.data.src, self.data.tgt
-        ls, lt = src.lengths[indices].astype(np.int64), tgt.lengths[indices].astype(np.int64)
-        rows = np.arange(len(indices))
-        if self.joint:
-            return self._joint(indices, ls, lt)
-        src_ids = np.full((len(indices), int(ls.max()) + 1), PAD_ID, dtype=np.int64)
-        src.place(indices, src_ids, 0)
-        src_ids[rows, ls] = EOS_ID
-        tgt_in = np.full((len(indices), int(lt.max()) + 1), PAD_ID, dtype=np.int64)
-        tgt.place(indices, tgt_in, 1)
-        tgt_in[:, 0] = BOS_ID
-        tgt_out = np.full_like(tgt_in, PAD_ID)
-        tgt.place(indices, tgt_out, 0)
-        tgt_out[rows, lt] = EOS_ID
-        return self._lines({"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tgt_in),
-                            "tgt_out": torch.from_numpy(tgt_out), "ntokens": int(lt.sum() + len(indices))}, indices)
-
-    def _lines(self, batch: dict[str, Any], indices: np.ndarray) -> dict[str, Any]:
-        """Evaluation batches carry each pair's corpus line (`index`), which puts translations back in order;
-        training needs none (one read less per pair)."""
-        if not self.shuffle:
-            batch["index"] = torch.from_numpy(self.data.lines(indices))
-        return batch
-
-    def _joint(self, indices: np.ndarray, ls: np.ndarray, lt: np.ndarray) -> dict[str, Any]:
-        """Decoder-only translation: inputs BOS source EOS target, predicting the target and its EOS only
-        (EOS separates the two sides). `prefix_len` covers BOS, source and separator; `src` stays for decoding."""
-        rows = np.arange(len(indices))
-        src_ids = np.full((len(indices), int(ls.max()) + 1), PAD_ID, dtype=np.int64)
-        self.data.src.place(indices, src_ids, 0)
-        src_ids[rows, ls] = EOS_ID
-        width = int((ls + lt).max()) + 2
-        tokens_in = np.full((len(indices), width), PAD_ID, dtype=np.int64)
-        tokens_in[:, 0] = BOS_ID
-        self.data.src.place(indices, tokens_in, 1)
-        tokens_in[rows, ls + 1] = EOS_ID
-        self.data.tgt.place(indices, tokens_in, ls + 2)
-        tokens_out = np.full_like(tokens_in, PAD_ID)
-        self.data.tgt.place(indices, tokens_out, ls + 1)
-        tokens_out[rows, ls + lt + 1] = EOS_ID
-        return self._lines({"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tokens_in),
-                            "tgt_out": torch.from_numpy(tokens_out), "prefix_len": torch.from_numpy(ls + 2),
-                            "ntokens": int(lt.sum() + len(indices))}, indices)
-
-
-class BlockBatches(ResumableBatches):
-    """Batches of packed blocks for next-token prediction: {"tgt_in", "tgt_out", "ntokens", "position"}. Block i
-    is stream[i * block_size : (i + 1) * block_size + 1] (inputs and next-token targets overlap by one); the
-    ragged tail is left out."""
-
-    def __init__(self, stream: np.ndarray | OnDisk, block_size: int, max_tokens: int, shuffle: bool, seed: int = 1,
-                 rank: int = 0, world: int = 1):
-        super().__init__(shuffle, seed, rank, world)
-        self.stream, self.block_size = stream, block_size
-        self.n_blocks = (len(stream) - 1) // block_size
-        if self.n_blocks < 1:
-            raise DataError(f"corpus of {len(stream)} tokens is shorter than one block of {block_size + 1}")
-        self.per_batch = max(1, max_tokens // block_size)
-
-    def plan(self, epoch: int) -> list[np.ndarray]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks) if self.shuffle \
-            else np.arange(self.n_blocks)
-        return [order[i:i + self.per_batch] for i in range(0, len(order), self.per_batch)]
-
-    def collate(self, indices: np.ndarray) -> dict[str, Any]:
-        starts = np.sort(indices) * self.block_size
-        tokens = runs(self.stream, starts, np.full(len(starts), self.block_size + 1))
-        rows = torch.from_numpy(tokens.astype(np.int64).reshape(len(starts), self.block_size + 1))
-        return {"tgt_in": rows[:, :-1], "tgt_out": rows[:, 1:], "ntokens": int(rows[:, 1:].numel())}

@@ -20,14 +20,15 @@ from typing import Any, Callable
 import lightning as L
 import sacrebleu
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .checkpoint import (CHECKPOINTS, CONFIG, TOKENIZER, AtomicCheckpointIO, CheckpointError, check_readable,
-                         export_weights, read_recipe, write_recipe)
+                         export_weights, load_model, read_recipe, write_recipe)
 from .config import Recipe
 from .data import Tokenizer
-from .store import MANIFEST, BlockBatches, ResumableBatches, Store, StoreError, TokenBatches, open_store, prepare
+from .batching import BlockBatches, ResumableBatches, TokenBatches
+from .store import MANIFEST, Store, StoreError, open_store, prepare
 from .inference import translate_ids
 from .model import build_model
 
@@ -388,10 +389,23 @@ def _wait_for(opened: Callable[[], Store], seconds: float = 3 * 3600) -> Store:
 DATA = "data"  # the store a run prepares for itself, inside its directory
 
 
-def open_run_data(recipe: Recipe, run_dir: Path, data_dir: str | None, resume: bool) -> tuple[Recipe, Store]:
+FINE_TUNABLE = {"dropout", "attention_dropout", "activation_dropout"}  # model settings --init-from may change
+
+
+def _check_init_from(recipe: Recipe, source: Recipe, source_dir: str) -> None:
+    ours, theirs = recipe.model.to_dict(), source.model.to_dict()
+    differ = [f"{k}={ours[k]!r} (its {theirs[k]!r})" for k in ours if k not in FINE_TUNABLE and ours[k] != theirs[k]]
+    if differ:
+        raise CheckpointError(f"--init-from {source_dir}: the recipe's model differs from that run's: "
+                              f"{', '.join(differ[:4])}; fine-tuning keeps the model")
+
+
+def open_run_data(recipe: Recipe, run_dir: Path, data_dir: str | None, resume: bool,
+                  tokenizer_from: str | None = None) -> tuple[Recipe, Store]:
     """The run's token store, prepared if need be, and its tokenizer in the run directory; fills the
     vocabulary size and writes config.yaml. With data.prepared, every rank memory-maps that store. Without,
-    rank 0 prepares one into RUN/data (a resume reuses it) while the other ranks wait for its manifest."""
+    rank 0 prepares one into RUN/data (a resume reuses it) while the other ranks wait for its manifest. With
+    `tokenizer_from` (fine-tuning), the data is tokenized with that sentencepiece model."""
     d = recipe.data
     if d.train is None:
         raise ValueError("the recipe names no training corpus (data.train)")
@@ -408,7 +422,7 @@ def open_run_data(recipe: Recipe, run_dir: Path, data_dir: str | None, resume: b
     else:
         own = run_dir / DATA
         # A resumed run that has a tokenizer but no store (from before runs kept one) prepares with its tokenizer.
-        tokenizer = str(run_dir / TOKENIZER) if resume and (run_dir / TOKENIZER).is_file() else None
+        tokenizer = str(run_dir / TOKENIZER) if resume and (run_dir / TOKENIZER).is_file() else tokenizer_from
         if first and not resume and (own / MANIFEST).is_file():
             try:  # left by a start that wrote no checkpoint: reused if it still fits the recipe and corpora
                 open_store(own, recipe, data_dir)
@@ -420,6 +434,9 @@ def open_run_data(recipe: Recipe, run_dir: Path, data_dir: str | None, resume: b
         # A resumed run reads the store it trained on, even without the corpus files (no --data-dir). The other
         # ranks wait until rank 0's store opens.
         store = open_store(own, recipe, data_dir) if first else _wait_for(lambda: open_store(own, recipe, data_dir))
+    if tokenizer_from and Path(tokenizer_from).read_bytes() != store.tokenizer_file.read_bytes():
+        raise StoreError(f"{store.directory}: prepared with another sentencepiece model than {tokenizer_from}; "
+                         "fine-tuning needs the data tokenized with the run's own (prepare --tokenizer)")
     tokenizer_file = run_dir / TOKENIZER
     if first and (not resume or not tokenizer_file.is_file()):
         shutil.copyfile(store.tokenizer_file, tokenizer_file)
@@ -479,15 +496,26 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
     if (num_nodes or t.num_nodes) > 1 and recipe.data.prepared is None:
         raise ValueError("training on several nodes reads a prepared store: run translator prepare onto a "
                          "filesystem every node sees (or at the same path on each node), then train --prepared")
-    recipe, store = open_run_data(recipe, run_dir, data_dir, resume)
+    source = None
+    if t.init_from and not resume:  # fine-tuning: another run's weights and tokenizer
+        t.init_from = str(Path(t.init_from).resolve())
+        source = load_model(t.init_from)
+        recipe.model.vocab_size = source[2].model.vocab_size  # its tokenizer's
+        _check_init_from(recipe, source[2], t.init_from)
+    recipe, store = open_run_data(recipe, run_dir, data_dir, resume, source[1].path if source else None)
     make_train, make_valid, references = _loaders(recipe, store)
     module = TranslationModule(recipe.to_dict(), str(store.tokenizer_file), references)  # every rank has it
+    if source is not None:
+        module.model.load_state_dict(source[0].state_dict())
 
     bleu = references and t.val_bleu != "none"
     monitor = ("val/bleu", "max") if bleu else ("val/loss", "min")
     callbacks: list[Callback] = [PeriodicCheckpoints(run_dir / CHECKPOINTS, t.save_every, t.keep_last), startup]
     if not progress_bar:
         callbacks.append(LogLines(t.log_every))
+    if make_valid is not None and t.patience:
+        callbacks.append(EarlyStopping(monitor=monitor[0], mode=monitor[1], patience=t.patience,
+                                       check_on_train_epoch_end=False, verbose=False))
     if make_valid is not None:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", monitor=monitor[0],
                                          mode=monitor[1], save_top_k=1, auto_insert_metric_name=False,

@@ -1,0 +1,115 @@
+"""Batch plans from length arrays, and collation: what training reads from a store."""
+
+import numpy as np
+
+from translator.batching import TokenBatches, token_batches
+from translator.data import BOS_ID, EOS_ID, PAD_ID
+from translator.store import Pairs
+
+
+def synthetic(n=500, seed=0):
+    rng = np.random.default_rng(seed)
+    src = [rng.integers(4, 50, rng.integers(1, 30)).tolist() for _ in range(n)]
+    tgt = [rng.integers(4, 50, rng.integers(1, 30)).tolist() for _ in range(n)]
+    return Pairs.of(src, tgt), src, tgt
+
+
+def test_batches_respect_max_tokens_and_cover_every_pair_once():
+    data, _, _ = synthetic()
+    loader = TokenBatches(data, max_tokens=200, shuffle=True, seed=3)
+    seen = []
+    for indices in loader.batches(0):
+        batch = loader.collate(indices)
+        B, S = batch["src"].shape
+        T = batch["tgt_in"].shape[1]
+        assert B * max(S, T) <= 200 and "index" not in batch  # the corpus line is for evaluation batches
+        seen.extend(indices.tolist())
+    assert sorted(seen) == list(range(500))
+    evaluation = TokenBatches(data, max_tokens=200, shuffle=False)
+    assert sorted(i for b in evaluation for i in b["index"].tolist()) == list(range(500))
+
+
+def test_batch_contents_teacher_forcing_layout():
+    data, src, tgt = synthetic(20)
+    batch = TokenBatches(data, max_tokens=10_000, shuffle=False).collate(np.array([3, 7]))
+    for row, i in enumerate([3, 7]):
+        s, t = src[i], tgt[i]
+        assert batch["src"][row, :len(s) + 1].tolist() == s + [EOS_ID]
+        assert batch["tgt_in"][row, :len(t) + 1].tolist() == [BOS_ID] + t
+        assert batch["tgt_out"][row, :len(t) + 1].tolist() == t + [EOS_ID]
+        assert (batch["src"][row, len(s) + 1:] == PAD_ID).all() and (batch["tgt_out"][row, len(t) + 1:] == PAD_ID).all()
+    assert batch["ntokens"] == len(tgt[3]) + len(tgt[7]) + 2
+
+
+def test_decoder_only_batches_hold_source_and_target_in_one_sequence():
+    data, src, tgt = synthetic(20)
+    batch = TokenBatches(data, max_tokens=10_000, shuffle=False, joint=True).collate(np.array([4, 9]))
+    for row, i in enumerate([4, 9]):
+        s, t = src[i], tgt[i]
+        n = len(s) + len(t) + 2
+        assert batch["tgt_in"][row, :n].tolist() == [BOS_ID] + s + [EOS_ID] + t
+        assert batch["tgt_out"][row, :n].tolist() == [PAD_ID] * (len(s) + 1) + t + [EOS_ID]
+        assert (batch["tgt_in"][row, n:] == PAD_ID).all() and batch["prefix_len"][row] == len(s) + 2
+    assert batch["ntokens"] == len(tgt[4]) + len(tgt[9]) + 2
+
+
+def test_sentences_of_similar_length_share_a_batch():
+    data, _, _ = synthetic(2000)
+    loader = TokenBatches(data, max_tokens=400, shuffle=True)
+    real = sum(loader.tgt_lens) + sum(loader.src_lens)
+    padded = sum(b["src"].numel() + b["tgt_in"].numel() for b in loader)
+    assert real / padded > 0.85  # random batching would waste about half
+
+
+def test_shuffling_is_seeded_and_changes_per_epoch():
+    data, _, _ = synthetic()
+    order = lambda seed, epoch: [b.tolist() for b in TokenBatches(data, 200, True, seed=seed).batches(epoch)]
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1)
+    assert order(1, 0) != order(2, 0)
+
+
+def test_resuming_mid_epoch_yields_the_remaining_batches():
+    data, _, _ = synthetic()
+    loader = TokenBatches(data, 200, True, seed=5)
+    epoch0 = [b["src"].tolist() for b in loader]
+    epoch1 = [(b["position"], b["src"].tolist()) for b in loader]  # a finished pass advances the epoch
+    assert epoch1[0][0] == (1, 0) and [x for _, x in epoch1] != epoch0
+    loader.resume_at = (0, 7)
+    resumed = [(b["position"], b["src"].tolist()) for b in loader]
+    assert resumed[0][0] == (0, 7) and [x for _, x in resumed] == epoch0[7:]
+    assert [b["position"] for b in loader][0] == (1, 0)  # then the next epoch, from its start
+    loader.resume_at = (0, len(epoch0))  # stopped right at the end of epoch 0
+    assert [b["position"] for b in loader][0] == (1, 0)
+
+
+def test_ranks_take_disjoint_equal_shares():
+    data, _, _ = synthetic()
+    shards = [[b.tolist() for b in TokenBatches(data, 200, True, seed=1, rank=r, world=3).batches(0)] for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    flat = [i for s in shards for b in s for i in b]
+    assert len(flat) == len(set(flat))
+
+
+def reference_token_batches(src_lens, tgt_lens, max_tokens, order):
+    """The batching rule one sentence at a time: what token_batches computes a batch at a time."""
+    batches, start, longest = [], 0, 0
+    lengths = np.maximum(src_lens, tgt_lens)[order]
+    for i, n in enumerate(lengths):
+        if i > start and max(longest, n) * (i - start + 1) > max_tokens:
+            batches.append(order[start:i])
+            start, longest = i, 0
+        longest = max(longest, n)
+    batches.append(order[start:])
+    return batches
+
+
+def test_batch_plans_equal_the_sentence_by_sentence_rule():
+    rng = np.random.default_rng(0)
+    for max_tokens in (20, 200, 4096):
+        src, tgt = rng.integers(1, 120, 3000), rng.integers(1, 120, 3000)
+        order = rng.permutation(3000)
+        ours = token_batches(src, tgt, max_tokens, order)
+        assert [b.tolist() for b in ours] == [b.tolist() for b in reference_token_batches(src, tgt, max_tokens, order)]
+    assert [b.tolist() for b in token_batches(np.array([5, 50, 5]), np.array([5, 50, 5]), 20, np.arange(3))] == \
+        [[0], [1], [2]]  # a sentence longer than max_tokens gets its own batch
