@@ -113,3 +113,36 @@ def test_batch_plans_equal_the_sentence_by_sentence_rule():
         assert [b.tolist() for b in ours] == [b.tolist() for b in reference_token_batches(src, tgt, max_tokens, order)]
     assert [b.tolist() for b in token_batches(np.array([5, 50, 5]), np.array([5, 50, 5]), 20, np.arange(3))] == \
         [[0], [1], [2]]  # a sentence longer than max_tokens gets its own batch
+
+
+def test_workers_collate_the_same_batches_in_the_same_order_and_resume():
+    from translator.batching import Prefetched
+
+    data, _, _ = synthetic()
+    plain = TokenBatches(data, 200, True, seed=5)
+    expected = [(b["position"], b["src"].tolist()) for _ in range(2) for b in plain]  # two epochs
+    for workers in (1, 2):
+        prefetched = Prefetched(TokenBatches(data, 200, True, seed=5), workers)
+        got = [(b["position"], b["src"].tolist()) for _ in range(2) for b in prefetched]
+        assert got == expected and len(prefetched) == len(plain.batches(0))
+    resumed = TokenBatches(data, 200, True, seed=5)
+    resumed.resume_at = expected[7][0]
+    got = [(b["position"], b["src"].tolist()) for b in Prefetched(resumed, 2)]
+    assert got == [x for x in expected if x[0][0] == 0][7:]
+
+
+def test_a_consumer_that_takes_exactly_len_batches_still_gets_a_new_shuffle_each_epoch():
+    """Lightning knows the length and stops after the last batch without asking for another: the next pass
+    must still be the next epoch (the epoch used to advance only when the iterator was exhausted, so every
+    epoch of training repeated the first one's order)."""
+    import itertools
+
+    data, _, _ = synthetic()
+    loader = TokenBatches(data, 200, True, seed=5)
+    passes = [[b["position"] for b in itertools.islice(iter(loader), len(loader))] for _ in range(3)]
+    assert [{epoch for epoch, _ in p} for p in passes] == [{0}, {1}, {2}]
+    from translator.batching import Prefetched
+
+    prefetched = Prefetched(TokenBatches(data, 200, True, seed=5), 2)
+    passes = [[b["position"] for b in itertools.islice(iter(prefetched), len(prefetched))] for _ in range(2)]
+    assert [{epoch for epoch, _ in p} for p in passes] == [{0}, {1}]

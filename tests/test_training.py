@@ -368,3 +368,12 @@ def test_patience_stops_when_validation_stops_improving(toy_run, tmp_path):
               tmp_path / "run", data_dir=str(data_dir), max_steps=100, progress_bar=False)
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 15
     assert (run / "checkpoints/best.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_loader_workers_train_the_same_weights(toy_run, tmp_path):
+    data_dir, recipe_path = toy_run
+    runs = [fit(load_recipe(recipe_path, [f"train.loader_workers={n}"]), tmp_path / f"w{n}", data_dir=str(data_dir),
+                max_steps=15, progress_bar=False) for n in (0, 2)]  # 15 steps: past an epoch's end
+    a, b = (read_weights(run / "checkpoints/last.ckpt") for run in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)

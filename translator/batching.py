@@ -65,19 +65,65 @@ class ResumableBatches:
         return len(self.batches(self.epoch))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.iterate()
+
+    def iterate(self, share: int = 0, shares: int = 1) -> Iterator[dict[str, Any]]:
+        """One pass; with shares > 1, only every shares-th batch from the pass's start + share is collated (a
+        DataLoader worker's part: the workers' batches, taken in turn, are the pass in order)."""
         start = 0
         if self.resume_at is not None:
             self.epoch, start = self.resume_at
             self.resume_at = None
-        batches = self.batches(self.epoch)
+        epoch = self.epoch
+        batches = self.batches(epoch)
         if start >= len(batches):  # the run stopped exactly at the end of a pass
-            self.epoch, start, batches = self.epoch + 1, 0, self.batches(self.epoch + 1)
-        for index in range(start, len(batches)):
+            epoch, start, batches = epoch + 1, 0, self.batches(epoch + 1)
+        self.epoch = epoch
+        mine = range(start + share, len(batches), shares)
+        for k, index in enumerate(mine):
             batch = self.collate(batches[index])
-            batch["position"] = (self.epoch, index)
-            yield batch
+            batch["position"] = (epoch, index)
+            if k == len(mine) - 1:
+                self._end_pass(epoch)  # before the last batch goes out: a consumer that knows the length
+            yield batch                # (Lightning does) never asks for more, so code after the loop would not run
+        if not mine:
+            self._end_pass(epoch)
+
+    def _end_pass(self, epoch: int) -> None:
         if self.shuffle:
-            self.epoch += 1
+            self.epoch = epoch + 1
+
+
+class _Share(torch.utils.data.IterableDataset):
+    """A DataLoader worker's part of the batches (see ResumableBatches.iterate)."""
+
+    def __init__(self, batches: ResumableBatches):
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        return self.batches.iterate(worker.id, worker.num_workers)
+
+
+class Prefetched:
+    """Batches collated in `workers` background processes while the model trains on the ones before, in the same
+    order as without them; resumable as the batches are (the workers stay, so each keeps its place)."""
+
+    def __init__(self, batches: ResumableBatches, workers: int):
+        self.batches = batches
+        self.loader = torch.utils.data.DataLoader(_Share(batches), batch_size=None, num_workers=workers,
+                                                  persistent_workers=True, prefetch_factor=4)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            epoch, index = batch["position"] = tuple(batch["position"])  # (the DataLoader hands tuples over as lists)
+            self.batches.epoch = epoch  # this process's copy follows the workers'
+            if index == len(self.batches.batches(epoch)) - 1:
+                self.batches._end_pass(epoch)
+            yield batch
 
 
 class TokenBatches(ResumableBatches):

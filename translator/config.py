@@ -179,6 +179,7 @@ class TokenizerConfig:
 class TrainConfig:
     seed: int = 1
     max_tokens: int = 4096  # per batch and device, padding included
+    loader_workers: int = 0  # processes collating batches ahead of the step (0: in the training process)
     accumulate: int = 1  # batches per optimizer step: max_tokens x devices x accumulate ~ the paper's 25k
     max_steps: int = 100_000
     max_epochs: int | None = None
@@ -291,6 +292,7 @@ class Recipe:
              "needs a, b >= 0, not both 0"),
             (self.data.max_ratio == 0 or self.data.max_ratio >= 1,
              f"data.max_ratio={self.data.max_ratio}: must be at least 1 (or 0: no ratio filter)"),
+            (t.loader_workers >= 0, f"train.loader_workers={t.loader_workers} must not be negative"),
             (t.patience >= 0, f"train.patience={t.patience} must not be negative (0: no early stopping)"),
             (t.val_every >= 0, f"train.val_every={t.val_every} must not be negative (0: once per epoch)"),
             (self.tokenizer.vocab_size >= 8, f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small"),

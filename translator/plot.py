@@ -13,6 +13,9 @@ from .data import atomic_file
 def read_metrics(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every logged metric of a run, across its (re)starts: name -> [(step, value)], by step."""
     files = sorted(Path(run_dir, "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    if not files and Path(run_dir, "logs").is_dir():
+        raise CheckpointError(f"{run_dir}: nothing logged yet (metrics are written every train.log_every steps and at "
+                              "each validation)")
     if not files:
         raise CheckpointError(f"{run_dir}: no logs/version_*/metrics.csv; is it a run directory?")
     series: dict[str, dict[int, float]] = {}

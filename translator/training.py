@@ -27,7 +27,7 @@ from .checkpoint import (CHECKPOINTS, CONFIG, TOKENIZER, AtomicCheckpointIO, Che
                          export_weights, load_model, read_recipe, write_recipe)
 from .config import Recipe
 from .data import Tokenizer
-from .batching import BlockBatches, ResumableBatches, TokenBatches
+from .batching import BlockBatches, Prefetched, ResumableBatches, TokenBatches
 from .store import MANIFEST, Store, StoreError, open_store, prepare
 from .inference import translate_ids
 from .model import build_model
@@ -243,14 +243,14 @@ class RunData(L.LightningDataModule):
     """Loaders built once Lightning knows this process's rank; the training loader resumes mid-epoch."""
 
     def __init__(self, make_train: Callable[[int, int], ResumableBatches],
-                 make_valid: Callable[[int, int], ResumableBatches] | None):
+                 make_valid: Callable[[int, int], ResumableBatches] | None, workers: int = 0):
         super().__init__()
-        self.make_train, self.make_valid = make_train, make_valid
+        self.make_train, self.make_valid, self.workers = make_train, make_valid, workers
 
-    def train_dataloader(self) -> ResumableBatches:
+    def train_dataloader(self) -> ResumableBatches | Prefetched:
         loader = self.make_train(self.trainer.global_rank, self.trainer.world_size)
         loader.resume_at = self.trainer.lightning_module.resume_position  # restored before loaders are built
-        return loader
+        return Prefetched(loader, self.workers) if self.workers else loader
 
     def val_dataloader(self) -> ResumableBatches | list:
         return [] if self.make_valid is None else self.make_valid(self.trainer.global_rank, self.trainer.world_size)
@@ -534,7 +534,7 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
         logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, enable_model_summary=False,
     )
-    data = RunData(make_train, make_valid)
+    data = RunData(make_train, make_valid, t.loader_workers)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
     if trainer.is_global_zero:
         export_weights(run_dir, recipe.decode.average_last)
