@@ -69,7 +69,7 @@ def test_training_lowers_validation_loss_and_leaves_a_loadable_run(toy_run, tmp_
     run = fit(load_recipe(recipe_path), tmp_path / "run", data_dir=str(data_dir), progress_bar=False)
     history = val_losses(run)
     assert [step for step, _, _ in history] == [79, 159, 239]
-    assert history[-1][1] < 0.3 * history[0][1], history
+    assert history[-1][1] < 0.4 * history[0][1], history
     assert history[-1][2] > 50 > history[0][2], history  # validation BLEU
     for name in ("config.yaml", "spm.model", "model.safetensors", "model.json", "checkpoints/last.ckpt",
                  "checkpoints/best.ckpt", "checkpoints/step0000240.ckpt"):

@@ -514,8 +514,21 @@ def split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
     return overrides, [a for a in extra if a not in overrides]
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a handler holding the stream it was made with
+    writes to a closed one once the caller swaps it, as a test harness does)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if debug else logging.INFO)
