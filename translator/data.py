@@ -113,15 +113,18 @@ def resolve_files(spec: str, src_lang: str, tgt_lang: str, data_dir: str | os.Pa
 Spec = str | dict[str, Any] | list  # a list: alternatives, the first available taken
 
 
-def choose(spec: Spec, langs: Sequence[str], data_dir: str | os.PathLike | None) -> str | dict[str, Any]:
+def choose(spec: Spec, langs: Sequence[str], data_dir: str | os.PathLike | None,
+           hub: bool = True) -> str | dict[str, Any]:
     """A corpus spec as it is, or, for a list of alternatives (e.g. local files, then the same corpus on the
-    hub), the first that is there: files that exist, or a `datasets` corpus that opens. None there: one line
-    that names what was tried and where files would go."""
+    hub), the first that is there: files that exist, or (unless hub=False) a `datasets` corpus that opens. None
+    there: one line that names what was tried and where files would go."""
     if not isinstance(spec, list):
         return spec
     tried = []
     for alternative in spec:
         try:
+            if isinstance(alternative, dict) and not hub:
+                raise DataError(f"{_hub_name(alternative)}: not asked")
             if isinstance(alternative, dict):  # opens, and has a first row of the right columns
                 next(iter_hub_pairs(alternative, langs[0], langs[-1]))
             else:
@@ -133,9 +136,10 @@ def choose(spec: Spec, langs: Sequence[str], data_dir: str | os.PathLike | None)
     raise DataError(f"no alternative of the corpus is available: {'; '.join(tried)}. Put the files {where}")
 
 
-def corpus_files(spec: Spec, langs: Sequence[str], data_dir: str | os.PathLike | None) -> list[Path]:
+def corpus_files(spec: Spec, langs: Sequence[str], data_dir: str | os.PathLike | None,
+                 hub: bool = True) -> list[Path]:
     """The files a corpus spec reads (none for a `datasets` spec), checked to exist."""
-    spec = choose(spec, langs, data_dir)
+    spec = choose(spec, langs, data_dir, hub)
     if isinstance(spec, dict):
         return []
     if len(langs) == 1:  # monolingual: {lang} optional

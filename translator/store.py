@@ -67,8 +67,9 @@ def settings(recipe: Recipe) -> dict[str, Any]:
     return out
 
 
-def _sources(recipe: Recipe, data_dir: str | os.PathLike | None) -> dict[str, list[dict[str, Any]]]:
-    """The files each split reads, with sizes and modification times (none for a `datasets` corpus)."""
+def _sources(recipe: Recipe, data_dir: str | os.PathLike | None, hub: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """The files each split reads, with sizes and modification times (none for a `datasets` corpus; with
+    hub=False, a list's hub alternatives are not opened, so that checking a store costs no network)."""
     d = recipe.data
     langs = (d.src_lang, d.tgt_lang) if d.task == "translation" else (d.tgt_lang,)
     out = {}
@@ -76,7 +77,7 @@ def _sources(recipe: Recipe, data_dir: str | os.PathLike | None) -> dict[str, li
         spec = getattr(d, split)
         if spec is not None:
             out[split] = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
-                          for p in corpus_files(spec, langs, data_dir)]
+                          for p in corpus_files(spec, langs, data_dir, hub)]
     return out
 
 
@@ -432,7 +433,7 @@ def open_store(directory: str | os.PathLike, recipe: Recipe | None = None,
                 raise StoreError(f"{directory}: prepared with {key}={found.get(key)!r}, but the recipe gives "
                                  f"{expected.get(key)!r}; prepare it again (or use the recipe it was prepared for)")
         try:
-            now = _sources(recipe, data_dir)
+            now = _sources(recipe, data_dir, hub=False)
         except DataError:
             now = None  # the corpus files are not here (another machine, no --data-dir): nothing to compare
         if now is not None and now != manifest["sources"]:
