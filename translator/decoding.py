@@ -333,6 +333,63 @@ def beam_search(step: StepFn, state: State, prefix: Tensor, max_len: int | Tenso
     return [hyps[:nbest] for hyps in finished]
 
 
+# -- Ensembles and forced prefixes: step functions made from step functions --------------------------------------
+
+class EnsembleState:
+    """The states of several models decoding together: reordered together."""
+
+    def __init__(self, states: Sequence[State]):
+        self.states = list(states)
+        self.sparse_reorder = all(getattr(s, "sparse_reorder", True) for s in self.states)
+
+    def reorder(self, index: Tensor, group: int = 1, sentences: Sequence[int] | None = None) -> None:
+        for state in self.states:
+            state.reorder(index, group, sentences)
+
+
+def ensemble(steps: Sequence[StepFn]) -> StepFn:
+    """One step function for several models over an EnsembleState: the mean of their next-token
+    log-probabilities (as OpenNMT-py and Marian combine ensembles; the searches renormalise it, which makes it
+    the normalised geometric mean of the models' distributions)."""
+    def step(tokens: Tensor, state: EnsembleState) -> Tensor:
+        total = None
+        for model_step, model_state in zip(steps, state.states):
+            lprobs = torch.log_softmax(model_step(tokens, model_state).float(), dim=-1)
+            total = lprobs if total is None else total.add_(lprobs)
+        return total.div_(len(steps))
+    return step
+
+
+class ForcedState:
+    """A state whose rows must start their output with given tokens: `forced` (N, P), -1 where a row's prefix has
+    ended; `start` is the length of the step's input before the first output token. Rows follow reorders."""
+
+    def __init__(self, state: State, forced: Tensor, start: int):
+        self.inner, self.forced, self.start = state, forced, start
+        self.sparse_reorder = getattr(state, "sparse_reorder", True)
+
+    def reorder(self, index: Tensor, group: int = 1, sentences: Sequence[int] | None = None) -> None:
+        self.inner.reorder(index, group, sentences)
+        self.forced = self.forced.index_select(0, index)
+
+
+def forced_prefix(step: StepFn) -> StepFn:
+    """A step function over a ForcedState whose rows produce their forced token while they have one (every other
+    token -inf: greedy, sampling and beam search all take it, at probability one), then follow `step`. Scores
+    thus count the continuation only, the same for every hypothesis of a sentence's prefix."""
+    def forced_step(tokens: Tensor, state: ForcedState) -> Tensor:
+        logits = step(tokens, state.inner)
+        t = tokens.size(1) - state.start
+        if t >= state.forced.size(1):
+            return logits
+        token = state.forced[:, t]
+        rows = token >= 0
+        only = torch.full_like(logits, -torch.inf).scatter_(1, token.clamp(min=0)[:, None],
+                                                            logits.gather(1, token.clamp(min=0)[:, None]))
+        return torch.where(rows[:, None], only, logits)
+    return forced_step
+
+
 # -- Speculative decoding ---------------------------------------------------------------------------------------
 
 @dataclass

@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from .config import DecodeConfig
 from .cuda_graphs import GraphedStep, StaticDecodeState
-from .decoding import beam_search, greedy, max_lengths, sample, speculative
+from .decoding import (EnsembleState, ForcedState, Hypothesis, beam_search, ensemble, forced_prefix, greedy,
+                       max_lengths, sample, speculative)
 from .model import DecoderOnly, EncoderDecoder
+
+
+class Ensemble(nn.Module):
+    """Several translation models decoding as one (translate --model A --model B): each step averages their
+    next-token log-probabilities. They must share the vocabulary, special tokens and architecture; sources and
+    outputs are limited by the shortest max_positions among them."""
+
+    def __init__(self, models: Sequence[EncoderDecoder | DecoderOnly]):
+        super().__init__()
+        first = models[0].cfg
+        for model in models[1:]:
+            cfg = model.cfg
+            differ = [name for name in ("arch", "vocab_size", "source_vocab_size", "pad_id", "bos_id", "eos_id",
+                                        "prefix_lm") if getattr(cfg, name) != getattr(first, name)]
+            if differ:
+                raise ValueError(f"ensemble members differ in {', '.join(differ)}: "
+                                 f"{', '.join(f'{getattr(first, n)} vs {getattr(cfg, n)}' for n in differ)}")
+        self.models = nn.ModuleList(models)
+        self.cfg = dataclasses.replace(first, max_positions=min(m.cfg.max_positions for m in models))
+        self._step = ensemble([m.step for m in models])
+
+    def start(self, source: torch.Tensor) -> EnsembleState:
+        return EnsembleState([m.start(source) for m in self.models])
+
+    def step(self, tokens: torch.Tensor, state: EnsembleState) -> torch.Tensor:
+        return self._step(tokens, state)
 
 
 def batches_by_length(lengths: Sequence[int], batch_tokens: int, max_sentences: int | None = None) -> list[list[int]]:
@@ -57,40 +86,67 @@ def source_limit(model: EncoderDecoder | DecoderOnly) -> int:
     return cfg.max_positions - 1 if cfg.arch == "encoder_decoder" else cfg.max_positions // 2 - 2
 
 
+def translate_ids(model: EncoderDecoder | DecoderOnly | Ensemble, sources: Sequence[Sequence[int]],
+                  options: DecodeConfig, mode: str = "beam", nbest: int = 1, sampling: dict | None = None,
+                  generator: torch.Generator | None = None,
+                  prefixes: Sequence[Sequence[int]] | None = None) -> list[list[list[int]]]:
+    """Translate token-id sequences (without EOS) with an encoder-decoder or a decoder-only translation model
+    (or an Ensemble of them). Returns, per input in input order, `nbest` token lists. mode: 'beam', 'greedy' or
+    'sample' (with `sampling` = temperature/top_k/top_p). `prefixes`: per input, target tokens the output must
+    start with (empty: none); they are part of the returned tokens."""
+    found = translate_hypotheses(model, sources, options, mode, nbest, sampling, generator, prefixes)
+    return [[h.tokens for h in hyps] for hyps in found]
+
+
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
-def translate_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequence[int]], options: DecodeConfig,
-                  mode: str = "beam", nbest: int = 1, sampling: dict | None = None,
-                  generator: torch.Generator | None = None) -> list[list[list[int]]]:
-    """Translate token-id sequences (without EOS) with an encoder-decoder or a decoder-only translation model.
-    Returns, per input in input order, `nbest` token lists. mode: 'beam', 'greedy' or 'sample' (with
-    `sampling` = temperature/top_k/top_p)."""
+def translate_hypotheses(model: EncoderDecoder | DecoderOnly | Ensemble, sources: Sequence[Sequence[int]],
+                         options: DecodeConfig, mode: str = "beam", nbest: int = 1, sampling: dict | None = None,
+                         generator: torch.Generator | None = None,
+                         prefixes: Sequence[Sequence[int]] | None = None) -> list[list[Hypothesis]]:
+    """translate_ids with the hypotheses' scores (beam search's; nan for greedy and sampling, which keep none)."""
     cfg = model.cfg
+    if mode not in ("beam", "greedy", "sample"):
+        raise ValueError(f"decoding mode {mode!r}: expected beam, greedy or sample")
+    if options.cuda_graphs and isinstance(model, Ensemble):
+        raise ValueError("cuda_graphs decodes one model; an ensemble runs without it")
     sources = [list(s)[:source_limit(model)] for s in sources]
     prepare = _encoder_decoder_batch if cfg.arch == "encoder_decoder" else _decoder_only_batch
-    results: list[list[list[int]]] = [[[]] * nbest for _ in sources]
+    results: list[list[Hypothesis]] = [[Hypothesis([], float("nan"))] * nbest for _ in sources]
     banned = (cfg.pad_id, cfg.bos_id)
     lengths = [len(s) + 1 for s in sources]
     for batch in batches_by_length(lengths, options.batch_tokens):
         state, prefix, limit = prepare(model, [sources[i] for i in batch], options)
         step = model.step
+        forced = None
+        if prefixes is not None and any(prefixes[i] for i in batch):
+            forced = [list(prefixes[i]) for i in batch]
+            room = cfg.max_positions - prefix.size(1)  # positions left for output tokens (EOS is never fed)
+            if max(map(len, forced)) > room:
+                raise ValueError(f"a target prefix of {max(map(len, forced))} tokens leaves no room in the model's "
+                                 f"{cfg.max_positions} positions")
+            # A prefix longer than the usual output limit raises the limit to its length.
+            limit = torch.maximum(limit, torch.tensor([len(p) for p in forced], device=limit.device)).clamp(max=room)
         if options.cuda_graphs:  # fixed shapes: room for every beam and for the longest output (EOS is not fed)
             rows = len(batch) * (options.beam if mode == "beam" else 1)
             state = StaticDecodeState(model, state, rows, positions=prefix.size(1) + int(limit.max()))
             step = GraphedStep(model, capture=prefix.is_cuda)
         else:
-            state.reuse_logits = True  # the decoding functions read each step's logits before the next step
+            for member in getattr(state, "states", [state]):
+                member.reuse_logits = True  # the decoding functions read each step's logits before the next step
+        if forced is not None:
+            width = max(map(len, forced))
+            table = torch.tensor([p + [-1] * (width - len(p)) for p in forced], device=prefix.device)
+            state, step = ForcedState(state, table, start=prefix.size(1)), forced_prefix(step)
         if mode == "beam":
-            hyps = beam_search(step, state, prefix, limit, cfg.eos_id, beam_size=options.beam,
-                               alpha=options.lenpen, lp_form=options.lp_form, nbest=nbest, banned=banned,
-                               stop=options.beam_stop)
-            outputs = [[h.tokens for h in hs] for hs in hyps]
+            outputs = beam_search(step, state, prefix, limit, cfg.eos_id, beam_size=options.beam,
+                                  alpha=options.lenpen, lp_form=options.lp_form, nbest=nbest, banned=banned,
+                                  stop=options.beam_stop)
         elif mode == "greedy":
-            outputs = [[t] for t in greedy(step, state, prefix, limit, cfg.eos_id, banned=banned)]
-        elif mode == "sample":
-            outputs = [[t] for t in sample(step, state, prefix, limit, cfg.eos_id, banned=banned,
-                                           generator=generator, **(sampling or {}))]
+            outputs = [[Hypothesis(t, float("nan"))] for t in greedy(step, state, prefix, limit, cfg.eos_id, banned=banned)]
         else:
-            raise ValueError(f"decoding mode {mode!r}: expected beam, greedy or sample")
+            outputs = [[Hypothesis(t, float("nan"))] for t in sample(step, state, prefix, limit, cfg.eos_id,
+                                                                     banned=banned, generator=generator,
+                                                                     **(sampling or {}))]
         for row, i in enumerate(batch):
             results[i] = outputs[row]
     return results

@@ -134,6 +134,9 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)  # [W_Q; W_K; W_V]
         self.out = nn.Linear(d_model, d_model)  # W_O
+        # Cross-attention's two projections as modules of their own, where set (int8: see quantize.py).
+        self.query_proj: nn.Module | None = None
+        self.memory_proj: nn.Module | None = None
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, H, T, C/H)
         B, T, C = x.shape
@@ -141,9 +144,28 @@ class MultiHeadAttention(nn.Module):
 
     def memory_kv(self, memory: Tensor) -> KV:
         """Keys and values of the encoder output: computed once per sentence when decoding."""
-        d = memory.size(-1)
-        k, v = F.linear(memory, self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
+        if self.memory_proj is not None:
+            k, v = self.memory_proj(memory).chunk(2, dim=-1)
+        else:
+            d = memory.size(-1)
+            k, v = F.linear(memory, self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
+
+    def query(self, x: Tensor) -> Tensor:
+        """Cross-attention's queries of x: (B, H, T, C/H)."""
+        if self.query_proj is not None:
+            return self._heads(self.query_proj(x))
+        C = x.size(-1)
+        return self._heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))
+
+    def probabilities(self, x: Tensor, memory: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Cross-attention's weights, (B, H, T, S), for word alignments: the fused kernel that decoding uses does
+        not return them."""
+        q, (k, _) = self.query(x), self.memory_kv(memory)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -torch.inf)
+        return scores.softmax(dim=-1)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False,
                 memory: Tensor | None = None, past: KVCache | KV | None = None) -> tuple[Tensor, KV]:
@@ -158,7 +180,7 @@ class MultiHeadAttention(nn.Module):
             if past is not None:
                 k, v = past.append(qkv[:, 1:])
         else:
-            q = self._heads(F.linear(x, self.qkv.weight[:C], self.qkv.bias[:C]))
+            q = self.query(x)
             k, v = past if past is not None else self.memory_kv(memory)
         # Beam search keeps the memory once per sentence: the sentence's rows (beams) become more queries.
         group = B // k.size(0)
