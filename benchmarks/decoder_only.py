@@ -113,7 +113,7 @@ def main() -> None:
         if not name.startswith("draft"):
             for mode in ("greedy", "beam"):
                 start = time.perf_counter()
-                hyps, _ = translate_lines(model, tokenizer, test.src, run_recipe.decode, mode)
+                hyps = translate_lines(model, tokenizer, test.src, run_recipe.decode, mode).texts
                 row[f"{mode}_sentences_per_second"] = round(len(test) / (time.perf_counter() - start), 1)
                 hyp_file = run / f"test.{mode}.hyp"
                 hyp_file.write_text("".join(h[0] + "\n" for h in hyps))

@@ -1,3 +1,4 @@
+import collections
 import itertools
 import math
 
@@ -5,8 +6,11 @@ import pytest
 import torch
 
 from translator import ModelConfig, build_model
-from translator.decoding import (_best_allowed, _fill_gaps, _log_normaliser, _stay_with_parent, _topk, beam_search,
-                                 greedy, length_penalty, max_lengths, sample)
+from translator.config import DecodeConfig
+from translator.decoding import (EnsembleState, ForcedState, _best_allowed, _fill_gaps, _log_normaliser,
+                                 _stay_with_parent, _topk, beam_search, ensemble, forced_prefix, greedy, length_penalty,
+                                 max_lengths, sample)
+from translator.inference import Ensemble, translate_hypotheses, translate_ids
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -32,12 +36,12 @@ def random_table_step(vocab_size=6, seed=0):
     return step
 
 
-def scripted_step(table):
+def scripted_step(table, vocab_size=5):
     """Next-token probabilities looked up by the prefix after BOS: {(w1, w2): {token: p}}."""
     def step(tokens, state):
         rows = []
         for prefix in tokens[:, 1:].tolist():
-            probs = torch.zeros(5)
+            probs = torch.zeros(vocab_size)
             for token, p in table[tuple(prefix)].items():
                 probs[token] = p
             rows.append(probs.log())
@@ -284,3 +288,77 @@ def test_fill_gaps_keeps_rows_in_place_and_moves_the_last_into_gaps():
         order = _fill_gaps(set(done), 30)
         assert sorted(order) == [row for row in range(30) if row not in done]
         assert sum(row != place for place, row in enumerate(order)) == sum(row < len(order) for row in done)
+
+
+# -- Ensembles and forced prefixes ------------------------------------------------------------------------------
+
+def test_an_ensemble_takes_the_argmax_of_the_averaged_log_probabilities():
+    # A says 3 (0.9) or 5 (0.1); B says 4 (0.6), 5 (0.38) or 3 (0.02). Alone, A picks 3 and B 4; probabilities
+    # averaged would pick 3 (0.46); log-probabilities averaged pick 5: 0.1 * 0.38 > 0.9 * 0.02 > 0 * 0.6.
+    def table(entries):  # every other prefix ends
+        return collections.defaultdict(lambda: {EOS: 1.0}, entries)
+    a = scripted_step(table({(): {3: 0.9, 5: 0.1}}), vocab_size=6)
+    b = scripted_step(table({(): {3: 0.02, 4: 0.6, 5: 0.38}}), vocab_size=6)
+    both = ensemble([a, b])
+    assert greedy(both, EnsembleState([History(), History()]), bos(1), 5, EOS) == [[5]]
+    assert greedy(a, History(), bos(1), 5, EOS) == [[3]] and greedy(b, History(), bos(1), 5, EOS) == [[4]]
+    # Beam scores are the renormalised geometric mean's log-probabilities.
+    hyps = beam_search(both, EnsembleState([History(), History()]), bos(1), 5, EOS, beam_size=2, alpha=0.0)[0]
+    total = math.sqrt(0.9 * 0.02) + math.sqrt(0.1 * 0.38)
+    assert [h.tokens for h in hyps] == [[5]]
+    assert hyps[0].score == pytest.approx(math.log(math.sqrt(0.1 * 0.38) / total), abs=1e-5)
+
+
+def test_an_ensemble_of_a_model_with_itself_is_the_model():
+    cfg = ModelConfig.from_name("tiny", vocab_size=40, dropout=0.0)
+    model = build_model(cfg).eval()
+    twice = Ensemble([model, model])
+    src = torch.randint(4, 40, (6, 7))
+    for mode in ("greedy", "beam"):
+        alone = translate_hypotheses(model, src.tolist(), DecodeConfig(beam=3, max_len_b=8), mode=mode, nbest=1)
+        together = translate_hypotheses(twice, src.tolist(), DecodeConfig(beam=3, max_len_b=8), mode=mode, nbest=1)
+        assert [h[0].tokens for h in together] == [h[0].tokens for h in alone]
+        if mode == "beam":
+            assert [h[0].score for h in together] == pytest.approx([h[0].score for h in alone], abs=1e-5)
+
+
+def test_ensemble_members_must_agree():
+    small = build_model(ModelConfig.from_name("tiny", vocab_size=40))
+    with pytest.raises(ValueError, match="vocab_size"):
+        Ensemble([small, build_model(ModelConfig.from_name("tiny", vocab_size=41))])
+
+
+def test_a_forced_prefix_starts_the_output_and_the_search_goes_on_from_it():
+    step = random_table_step(seed=3)
+    prefix_tokens = [[5, 5], [], [4]]
+    free = greedy(step, History(), bos(3), 6, EOS, banned=(PAD, BOS))
+    forced = torch.tensor([[5, 5], [-1, -1], [4, -1]])
+    for search in ("greedy", "beam"):
+        state = ForcedState(History(), forced, start=1)
+        if search == "greedy":
+            out = greedy(forced_prefix(step), state, bos(3), 6, EOS, banned=(PAD, BOS))
+        else:
+            out = [h[0].tokens for h in beam_search(forced_prefix(step), state, bos(3), 6, EOS, beam_size=3,
+                                                    banned=(PAD, BOS))]
+        for tokens, want in zip(out, prefix_tokens):
+            assert tokens[:len(want)] == want
+        if search == "greedy":  # after the prefix, greedy as ever: the continuation is greedy's from that prefix
+            assert out[1] == free[1]
+            rest = greedy(step, History(), torch.tensor([[BOS, 5, 5]]), 4, EOS, banned=(PAD, BOS))[0]
+            assert out[0] == [5, 5] + rest
+        else:  # the search continues from the prefix: as good as any hypothesis that starts with it
+            scored = beam_search(step, History(), torch.tensor([[BOS, 4]]), 5, EOS, beam_size=3, banned=(PAD, BOS))
+            assert out[2] == [4] + scored[0][0].tokens
+
+
+def test_prefixes_in_a_batch_equal_prefixes_alone():
+    cfg = ModelConfig.from_name("tiny", vocab_size=40, dropout=0.0)
+    model = build_model(cfg).eval()
+    sources = torch.randint(4, 40, (5, 6)).tolist()
+    prefixes = [[7, 8], [], [9], [10, 11, 12], []]
+    options = DecodeConfig(beam=3, max_len_b=5)
+    for mode in ("greedy", "beam"):
+        together = translate_ids(model, sources, options, mode=mode, prefixes=prefixes)
+        alone = [translate_ids(model, [s], options, mode=mode, prefixes=[p])[0] for s, p in zip(sources, prefixes)]
+        assert together == alone
+        assert all(out[0][:len(p)] == p for out, p in zip(together, prefixes))

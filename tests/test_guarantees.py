@@ -48,7 +48,7 @@ def test_control_characters_and_mixed_scripts_keep_their_lines(toy_model_dir, tm
 
 def translate_one(run_dir, text, **kw):
     model, tokenizer, recipe = load_model(run_dir)
-    return translate_lines(model, tokenizer, [text], recipe.decode, **kw)[0][0][0]
+    return translate_lines(model, tokenizer, [text], recipe.decode, **kw).texts[0][0]
 
 
 # -- Batch invariance ----------------------------------------------------------------------------------------
@@ -59,9 +59,9 @@ def test_a_translation_does_not_depend_on_its_batch(toy_model_dir, mode):
     model, tokenizer, recipe = load_model(run_dir)
     lines = read_lines(data_dir / "toy/valid.en")[:64]
     options = DecodeConfig(beam=4, batch_tokens=100_000)
-    batched = [r[0] for r in translate_lines(model, tokenizer, lines, options, mode)[0]]
-    small_batches = [r[0] for r in translate_lines(model, tokenizer, lines, DecodeConfig(beam=4, batch_tokens=40), mode)[0]]
-    alone = [translate_lines(model, tokenizer, [line], options, mode)[0][0][0] for line in lines]
+    batched = [r[0] for r in translate_lines(model, tokenizer, lines, options, mode).texts]
+    small_batches = [r[0] for r in translate_lines(model, tokenizer, lines, DecodeConfig(beam=4, batch_tokens=40), mode).texts]
+    alone = [translate_lines(model, tokenizer, [line], options, mode).texts[0][0] for line in lines]
     assert batched == alone == small_batches
     assert len(set(batched)) > 50  # real, varied translations
 

@@ -6,6 +6,7 @@ Errors print as one line (`translator: error: ...`) with a non-zero exit; `--deb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -109,11 +110,35 @@ def _decode_options(recipe, args):
 
 
 def _load_for_translation(args):
+    """The model of --model (an Ensemble when --model is given several times), its tokenizer and recipe;
+    quantized with --int8."""
     from .checkpoint import load_model
 
-    model, tokenizer, recipe = load_model(args.model, _device(args.device))
+    paths = args.model if isinstance(args.model, list) else [args.model]
+    device = _device(args.device)
+    if getattr(args, "int8", False) and device != "cpu":
+        raise ValueError("--int8 (dynamic quantization) runs on the CPU; pass --device cpu")
+    loaded = [load_model(path, device) for path in paths]
+    model, tokenizer, recipe = loaded[0]
     if recipe.data.task == "lm":
-        raise ValueError(f"{args.model} is a language model; it does not translate")
+        raise ValueError(f"{paths[0]} is a language model; it does not translate")
+    for path, (_, other_tokenizer, other_recipe) in zip(paths[1:], loaded[1:]):
+        if other_tokenizer.sp.serialized_model_proto() != tokenizer.sp.serialized_model_proto():
+            raise ValueError(f"{path} has another sentencepiece model than {paths[0]}; an ensemble's models must "
+                             "share one")
+        if other_recipe.data.task == "lm":
+            raise ValueError(f"{path} is a language model; it does not translate")
+    models = [m for m, _, _ in loaded]
+    if getattr(args, "int8", False):
+        from .quantize import quantize_int8
+
+        models = [quantize_int8(m) for m in models]
+    if len(models) > 1:
+        from .inference import Ensemble
+
+        model = Ensemble(models)
+    else:
+        model = models[0]
     return model, tokenizer, recipe
 
 
@@ -136,12 +161,16 @@ def _mode(args, options) -> tuple[str, dict | None]:
 
 
 def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
+    import itertools
+
     import torch
 
     model, tokenizer, recipe = _load_for_translation(args)
     options = _decode_options(recipe, args)
     if args.nbest > options.beam and not args.sample:
         raise ValueError(f"--nbest {args.nbest} exceeds --beam {options.beam}")
+    if args.alignments and args.nbest > 1:
+        raise ValueError("--alignments links the best translation only; drop --nbest")
     mode, sampling = _mode(args, options)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed) if args.sample else None
     draft = None
@@ -152,28 +181,47 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ValueError("--draft decodes greedily or by sampling: pass --beam 1 or --sample")
         if args.draft_k < 1:
             raise ValueError("--draft-k must be positive")
+        if len(args.model) > 1 or args.prefix:
+            raise ValueError("--draft speeds up one model without target prefixes; drop the extra --model or --prefix")
         draft, draft_tokenizer, _ = load_model(args.draft, next(model.parameters()).device)
         if draft_tokenizer.sp.serialized_model_proto() != tokenizer.sp.serialized_model_proto():
-            raise ValueError(f"{args.draft} has another sentencepiece model than {args.model}; a draft must share it")
+            raise ValueError(f"{args.draft} has another sentencepiece model than {args.model[0]}; a draft must share it")
+    lines = read_input(args.input)
+    prefixes = read_input(args.prefix) if args.prefix else None
     count = truncated = 0
-    with output(args.output) as out:
-        for chunk in chunks(read_input(args.input), args.chunk_lines):
-            results, cut = translate_lines(model, tokenizer, chunk, options, mode, 1 if args.sample else args.nbest,
-                                           sampling, generator, draft, args.draft_k)
-            for i, hyps in enumerate(results, count):
+    with output(args.output) as out, (output(args.alignments) if args.alignments else _nothing()) as links:
+        for chunk in chunks(lines, args.chunk_lines):
+            prefix_chunk = None
+            if prefixes is not None:
+                prefix_chunk = list(itertools.islice(prefixes, len(chunk)))
+                if len(prefix_chunk) < len(chunk):
+                    raise ValueError(f"--prefix {args.prefix} has {count + len(prefix_chunk)} lines, fewer than the input")
+            done = translate_lines(model, tokenizer, chunk, options, mode, 1 if args.sample else args.nbest, sampling,
+                                   generator, draft, args.draft_k, prefix_chunk,
+                                   args.alignment_layer if args.alignments else None)
+            for i, hyps in enumerate(done.texts, count):
                 if args.nbest > 1 and not args.sample:  # Moses n-best format: id ||| text ||| rank
                     out.writelines(f"{i} ||| {h} ||| {rank}\n" for rank, h in enumerate(hyps))
                 else:
                     out.write(hyps[0] + "\n")
+            if links is not None:
+                links.writelines(line + "\n" for line in done.alignments)
             out.flush()
             count += len(chunk)
-            truncated += cut
+            truncated += done.truncated
+        if prefixes is not None and next(prefixes, None) is not None:
+            raise ValueError(f"--prefix {args.prefix} has more lines than the input ({count})")
     if truncated:
         from .inference import source_limit
 
         log.warning("translator: warning: %d of %d line(s) were longer than %d tokens and were truncated",
                     truncated, count, source_limit(model))
     return 0
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield None
 
 
 # -- generate ----------------------------------------------------------------------------------------------------
@@ -260,7 +308,8 @@ def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     corpus = load_corpus(spec, recipe.data.src_lang, recipe.data.tgt_lang, args.data_dir)
     options = _decode_options(recipe, args)
     start = time.perf_counter()
-    results, truncated = translate_lines(model, tokenizer, corpus.src, options, "greedy" if options.beam == 1 else "beam")
+    done = translate_lines(model, tokenizer, corpus.src, options, "greedy" if options.beam == 1 else "beam")
+    results, truncated = done.texts, done.truncated
     seconds = time.perf_counter() - start
     run_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     out_dir = Path(args.out_dir) if args.out_dir else run_dir / "eval"
@@ -423,10 +472,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("translate", "translate a file (or stdin) line by line",
                 "Translate one sentence per line. Writes exactly one line per input line, in input order\n"
                 "(empty in, empty out), or with --nbest K > 1 the Moses n-best format 'i ||| text ||| rank'.")
-    p.add_argument("--model", required=True, help="run directory, or a .safetensors/.ckpt file inside one")
+    p.add_argument("--model", required=True, action="append",
+                   help="run directory, or a .safetensors/.ckpt file inside one; given several times, an ensemble "
+                        "(the models' log-probabilities averaged at every step; one sentencepiece model)")
     p.add_argument("-i", "--input", help="input file (default: stdin)")
     p.add_argument("-o", "--output", help="output file, written when complete (default: stdout)")
     p.add_argument("--nbest", type=int, default=1, help="hypotheses per sentence (at most --beam)")
+    p.add_argument("--prefix", help="target prefixes, one per input line (empty: none): each translation starts "
+                                    "with its prefix, then the search continues")
+    p.add_argument("--alignments", metavar="FILE", help="also write source-target word links per line, in the "
+                                                          "Pharaoh format (0-0 1-2 ...), from cross-attention")
+    p.add_argument("--alignment-layer", type=int, default=-2,
+                   help="the decoder layer whose cross-attention (heads averaged) gives the links (default: the "
+                        "penultimate; negative counts from the last)")
+    p.add_argument("--int8", action="store_true", help="CPU: linear layers in int8 (PyTorch dynamic quantization)")
     p.add_argument("--chunk-lines", type=int, default=10000, help="lines read, translated and written at a time")
     _add_decoding(p)
     g = p.add_argument_group("sampling (instead of beam search)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
@@ -79,28 +80,55 @@ def one_line(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
+@dataclass
+class Translations:
+    texts: list[list[str]]  # per line, its n-best translations
+    scores: list[list[float]]  # their scores (beam search's; nan for greedy, sampling and speculative decoding)
+    alignments: list[str] | None  # per line, source-target word links in the Pharaoh format, when asked for
+    truncated: int  # lines longer than the model reads, truncated
+
+
 def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "beam", nbest: int = 1,
-                    sampling: dict | None = None, generator=None, draft=None,
-                    draft_k: int = 4) -> tuple[list[list[str]], int]:
-    """Translate raw lines: empty or whitespace-only lines give empty output without touching the model;
-    sources longer than the model's positions are truncated. Returns, per line, `nbest` translations,
-    and how many lines were truncated. With a `draft` model: speculative greedy decoding or sampling."""
-    from .inference import source_limit, speculative_ids, translate_ids
+                    sampling: dict | None = None, generator=None, draft=None, draft_k: int = 4,
+                    prefixes: list[str] | None = None, alignment_layer: int | None = None) -> Translations:
+    """Translate raw lines: empty or whitespace-only lines give empty output without touching the model (with a
+    target prefix: the prefix); sources longer than the model's positions are truncated. With a `draft` model:
+    speculative greedy decoding or sampling. `prefixes`: per line, text the translation must start with ('':
+    none). `alignment_layer`: also link words, from that decoder layer's cross-attention (of the first model
+    of an ensemble)."""
+    from .inference import Ensemble, source_limit, speculative_ids, translate_hypotheses
 
     limit = source_limit(model)
     texts = [line.strip() for line in lines]
+    prefix_texts = [p.strip() for p in prefixes] if prefixes is not None else [""] * len(lines)
     todo = [i for i, text in enumerate(texts) if text]
     ids = tokenizer.encode([texts[i] for i in todo])
     truncated = sum(len(x) > limit for x in ids)
+    ids = [x[:limit] for x in ids]
+    prefix_ids = tokenizer.encode([prefix_texts[i] for i in todo]) if prefixes is not None else None
     if draft is not None:
-        found, rate = speculative_ids(model, draft, [x[:limit] for x in ids], options, k=draft_k, sampling=sampling,
-                                      generator=generator)
-        outputs = [[tokens] for tokens in found]
+        if prefixes is not None:
+            raise ValueError("speculative decoding (--draft) does not take target prefixes")
+        found, rate = speculative_ids(model, draft, ids, options, k=draft_k, sampling=sampling, generator=generator)
+        hypotheses = [[(tokens, float("nan"))] for tokens in found]
         log.debug("speculative decoding: %.1f%% of draft tokens accepted", 100 * rate)
     else:
-        outputs = translate_ids(model, [x[:limit] for x in ids], options, mode=mode, nbest=nbest, sampling=sampling,
-                                generator=generator)
-    results: list[list[str]] = [[""] * nbest for _ in lines]
-    for i, hyps in zip(todo, outputs):
-        results[i] = [one_line(t) for t in tokenizer.decode(hyps)]
-    return results, truncated
+        found = translate_hypotheses(model, ids, options, mode=mode, nbest=nbest, sampling=sampling,
+                                     generator=generator, prefixes=prefix_ids)
+        hypotheses = [[(h.tokens, h.score) for h in hyps] for hyps in found]
+    results = [[prefix_texts[i]] * nbest for i in range(len(lines))]
+    scores = [[float("nan")] * nbest for _ in lines]
+    for i, hyps in zip(todo, hypotheses):
+        results[i] = [one_line(t) for t in tokenizer.decode([tokens for tokens, _ in hyps])]
+        scores[i] = [score for _, score in hyps]
+    alignments = None
+    if alignment_layer is not None:
+        from .alignment import cross_attention, pharaoh, token_links
+
+        first = model.models[0] if isinstance(model, Ensemble) else model
+        best = [hyps[0][0] for hyps in hypotheses]
+        weights = cross_attention(first, ids, best, layer=alignment_layer)
+        alignments = [""] * len(lines)
+        for i, source, output, w in zip(todo, ids, best, weights):
+            alignments[i] = pharaoh(token_links(w), tokenizer.sp.id_to_piece(source), tokenizer.sp.id_to_piece(output))
+    return Translations(results, scores, alignments, truncated)

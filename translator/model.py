@@ -403,6 +403,8 @@ class _Seq2SeqBase(nn.Module):
         return self.tgt_embed.token.weight if self.output is None else self.output.weight
 
     def logits(self, h: Tensor) -> Tensor:
+        if self.output is not None and not isinstance(self.output, nn.Linear):
+            return self.output(h)  # a quantized projection (quantize.py)
         return F.linear(h, self.output_weight)
 
     @torch.no_grad()
@@ -413,7 +415,8 @@ class _Seq2SeqBase(nn.Module):
         them at once, as the decoding functions do): a fresh (N, V) tensor each step cost about a sixth of the
         projection's time in new memory pages. GPU allocators reuse memory already."""
         h = self.hidden(tokens[:, state.length:], state)[:, -1]
-        if not state.reuse_logits or h.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        if (not state.reuse_logits or h.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+                or not (self.output is None or isinstance(self.output, nn.Linear))):
             return self.logits(h)
         weight = self.output_weight
         size = h.size(0) * weight.size(0)

@@ -1,0 +1,109 @@
+"""translate's decoding options end to end on the toy model: ensembles, target prefixes, alignments, int8."""
+
+import shutil
+
+import pytest
+
+from translator.cli import main
+from translator.data import Tokenizer
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def lines_of(path):
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture
+def toy_source(toy_model_dir, tmp_path):
+    _, data_dir = toy_model_dir
+    lines = (data_dir / "toy/valid.en").read_text().splitlines()[:40]
+    source = tmp_path / "in.en"
+    source.write_text("".join(line + "\n" for line in lines[:20] + [""] + lines[20:]))
+    return source
+
+
+def test_an_ensemble_of_a_model_with_itself_translates_as_the_model(toy_model_dir, toy_source, tmp_path, capsys):
+    run_dir, _ = toy_model_dir
+    for beam in (1, 3):
+        assert run(["translate", "--model", run_dir, "-i", toy_source, "-o", tmp_path / "one.de", "--beam", beam],
+                   capsys)[0] == 0
+        assert run(["translate", "--model", run_dir, "--model", run_dir, "-i", toy_source, "-o", tmp_path / "two.de",
+                    "--beam", beam], capsys)[0] == 0
+        assert lines_of(tmp_path / "two.de") == lines_of(tmp_path / "one.de")
+
+
+def test_an_ensemble_refuses_models_with_another_sentencepiece_model(toy_model_dir, toy_source, tmp_path, capsys):
+    run_dir, data_dir = toy_model_dir
+    other = tmp_path / "other_run"
+    shutil.copytree(run_dir, other)
+    old = Tokenizer(other / "spm.model")
+    text = [line[::-1] for line in (data_dir / "toy/train.en").read_text().splitlines()]  # other text, same size
+    text += (data_dir / "toy/train.de").read_text().splitlines()
+    Tokenizer.train(text, other / "spm.model", vocab_size=old.vocab_size)
+    code, _, err = run(["translate", "--model", run_dir, "--model", other, "-i", toy_source], capsys)
+    assert code == 1 and "has another sentencepiece model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_prefixes_start_the_translations(toy_model_dir, toy_source, tmp_path, capsys):
+    run_dir, _ = toy_model_dir
+    n = len(lines_of(toy_source))
+    prefixes = ["Katze Katze" if i % 3 == 0 else "" for i in range(n)]
+    prefix_file = tmp_path / "prefix.de"
+    prefix_file.write_text("".join(p + "\n" for p in prefixes))
+    assert run(["translate", "--model", run_dir, "-i", toy_source, "-o", tmp_path / "free.de"], capsys)[0] == 0
+    code, _, err = run(["translate", "--model", run_dir, "-i", toy_source, "-o", tmp_path / "forced.de",
+                        "--prefix", prefix_file], capsys)
+    assert code == 0, err
+    free, forced = lines_of(tmp_path / "free.de"), lines_of(tmp_path / "forced.de")
+    assert len(forced) == n
+    for source, prefix, a, b in zip(lines_of(toy_source), prefixes, free, forced):
+        if not source:
+            assert b == prefix  # nothing to translate: the prefix alone
+        elif prefix:
+            assert b.startswith("Katze Katze ") and len(b.split()) > 2  # the prefix, then a continuation
+        else:
+            assert b == a  # lines without a prefix translate as ever
+    prefix_file.write_text("Katze\n")
+    code, _, err = run(["translate", "--model", run_dir, "-i", toy_source, "-o", tmp_path / "never.de",
+                        "--prefix", prefix_file], capsys)
+    assert code == 1 and "fewer than the input" in err and not (tmp_path / "never.de").exists()
+
+
+def test_alignments_link_the_toy_tasks_words_in_order(toy_model_dir, toy_source, tmp_path, capsys):
+    """The toy task maps each English word to one German word in the same order: the links are the diagonal."""
+    run_dir, _ = toy_model_dir
+    code, _, err = run(["translate", "--model", run_dir, "-i", toy_source, "-o", tmp_path / "out.de",
+                        "--alignments", tmp_path / "out.align", "--alignment-layer", "-1"], capsys)
+    assert code == 0, err
+    sources, outputs, links = lines_of(toy_source), lines_of(tmp_path / "out.de"), lines_of(tmp_path / "out.align")
+    assert len(links) == len(sources) == len(outputs)
+    total = diagonal = near = 0
+    for source, output, line in zip(sources, outputs, links):
+        pairs = [tuple(map(int, link.split("-"))) for link in line.split()]
+        if not source:
+            assert pairs == []
+            continue
+        assert all(0 <= i < len(source.split()) and 0 <= j < len(output.split()) for i, j in pairs)
+        assert {j for _, j in pairs} == set(range(len(output.split())))  # every target word linked
+        total += len(pairs)
+        diagonal += sum(i == j for i, j in pairs)
+        near += sum(abs(i - j) <= 1 for i, j in pairs)
+    assert diagonal / total >= 0.7 and near / total >= 0.95, (diagonal / total, near / total)
+    code, _, err = run(["translate", "--model", run_dir, "-i", toy_source, "--alignments", tmp_path / "x",
+                        "--alignment-layer", "5"], capsys)
+    assert code == 1 and "alignment layer 5: the decoder has 2 layers" in err
+
+
+def test_int8_translates_nearly_as_float32(toy_model_dir, toy_source, tmp_path, capsys):
+    run_dir, _ = toy_model_dir
+    assert run(["translate", "--model", run_dir, "-i", toy_source, "-o", tmp_path / "f32.de"], capsys)[0] == 0
+    code, _, err = run(["translate", "--model", run_dir, "-i", toy_source, "-o", tmp_path / "int8.de", "--int8",
+                        "--device", "cpu"], capsys)
+    assert code == 0, err
+    f32, int8 = lines_of(tmp_path / "f32.de"), lines_of(tmp_path / "int8.de")
+    assert len(int8) == len(f32) and sum(a == b for a, b in zip(f32, int8)) >= 0.9 * len(f32)
