@@ -19,7 +19,7 @@ def run(args, capsys):
 def test_every_command_has_useful_help(capsys):
     from translator.cli import EXAMPLES
 
-    assert set(EXAMPLES) == {"train", "prepare", "translate", "score", "evaluate", "average", "export", "plot",
+    assert set(EXAMPLES) == {"train", "prepare", "translate", "serve", "score", "evaluate", "average", "export", "plot",
                              "generate"}
     for command in EXAMPLES:
         with pytest.raises(SystemExit) as exit_:

@@ -1,4 +1,4 @@
-"""The `translator` command: train, prepare, translate, score, evaluate, average, export, generate.
+"""The `translator` command: train, prepare, translate, serve, score, evaluate, average, export, plot, generate.
 
 Errors print as one line (`translator: error: ...`) with a non-zero exit; `--debug` shows the traceback.
 """
@@ -24,6 +24,7 @@ EXAMPLES = {
     "score": "translator score --hyp test.hyp.de --ref test.de --metrics bleu chrf",
     "evaluate": "translator evaluate --model runs/en_de --split test --data-dir ../shared/data",
     "average": "translator average --model runs/en_de --last 5 -o runs/en_de/model.safetensors",
+    "serve": "translator serve --model runs/en_de --port 8080",
     "export": "translator export --model runs/en_de --format ctranslate2 -o runs/en_de_ct2",
     "plot": "translator plot runs/en_de",
     "generate": "translator generate --model runs/lm_multi30k_de --prompt 'Ein Hund' --max-new-tokens 30 --top-p 0.9",
@@ -222,6 +223,23 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
 @contextlib.contextmanager
 def _nothing():
     yield None
+
+
+# -- serve -------------------------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .serve import Limits, Translator, serve
+
+    model, tokenizer, recipe = _load_for_translation(args)
+    recipe.decode = _decode_options(recipe, args)
+    limits = Limits(args.max_body_bytes, args.max_sentences, args.max_chars, args.max_beam)
+    if min(args.max_body_bytes, args.max_sentences, args.max_chars, args.max_beam, args.max_batch_tokens) < 1 \
+            or args.max_wait_ms < 0:
+        raise ValueError("serve's limits must be positive and --max-wait-ms not negative")
+    serve(Translator(model, tokenizer, recipe, [str(m) for m in args.model], args.alignment_layer), args.host,
+          args.port, limits=limits, batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+          batching=not args.no_batching)
+    return 0
 
 
 # -- generate ----------------------------------------------------------------------------------------------------
@@ -496,6 +514,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "proposes tokens; greedy output is unchanged, only faster when the draft agrees")
     g.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round")
     p.set_defaults(func=cmd_translate)
+
+    p = command("serve", "serve a model over HTTP, with a page to try it",
+                "An HTTP JSON API (POST /translate, GET /health, GET /info) and a page at /. Requests arriving "
+                "together are translated in one batch; each reply equals translate's for that sentence.")
+    p.add_argument("--model", required=True, action="append",
+                   help="run directory, or a .safetensors/.ckpt file inside one; several: an ensemble")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-batch-tokens", type=int, default=4096,
+                   help="stop gathering requests into a batch at this many source tokens")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long the first request of a batch waits for others to join it")
+    p.add_argument("--no-batching", action="store_true", help="translate one request at a time, as it arrives")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    p.add_argument("--max-sentences", type=int, default=256, help="sentences per request")
+    p.add_argument("--max-chars", type=int, default=2000, help="characters per sentence")
+    p.add_argument("--max-beam", type=int, default=16, help="the largest beam (and n-best) a request may ask")
+    p.add_argument("--alignment-layer", type=int, default=-2, help="decoder layer for alignments (default: penultimate)")
+    p.add_argument("--int8", action="store_true", help="CPU: linear layers in int8 (PyTorch dynamic quantization)")
+    _add_decoding(p)
+    p.set_defaults(func=cmd_serve)
 
     p = command("export", "export a model to another runtime (CTranslate2, Hugging Face transformers)",
                 "Write a model directory for another runtime: CTranslate2 (ctranslate2.Translator; tokenize with\n"
