@@ -1,7 +1,9 @@
 """Decoding speed side by side on the same weights and sentences: translator vs Hugging Face `generate`
-(MarianMT holding our weights) vs CTranslate2 (our `export`), greedy and beam 4, on Multi30k test2016.
+(MarianMT holding our weights) vs CTranslate2 (our `export`), greedy and beam 4, on Multi30k test2016; with
+--int8, also translator's int8 (dynamic quantization, `translate --int8`) and CTranslate2's int8, each with its
+BLEU against the references.
 
-    python benchmarks/decode_speed.py --model runs/bench_multi30k_en_de --data-dir ../shared/data
+    python benchmarks/decode_speed.py --model runs/bench_multi30k_en_de --data-dir ../shared/data --int8
 
 Each system gets the same sentences, the same thread count, batches of similar length, the same output
 limit (src_len + 50) and the same banned tokens (pad, bos); each run is repeated and the fastest kept.
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--int8", action="store_true", help="also int8: translator's dynamic quantization and CTranslate2's")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time translator with decode.cuda_graphs (on a CPU: uncaptured, slower)")
     args = parser.parse_args()
@@ -79,6 +82,11 @@ def main() -> None:
     metrics: dict = {"sentences": len(lines), "source_tokens": sum(map(len, sources)), "threads": args.threads,
                      "batch_tokens": args.batch_tokens}
     systems = {"translator": lambda beam: run_ours(model, sources, beam, args.batch_tokens)}
+    if args.int8:
+        from translator.quantize import quantize_int8
+
+        int8_model = quantize_int8(load_model(args.model, args.device)[0])
+        systems["translator_int8"] = lambda beam: run_ours(int8_model, sources, beam, args.batch_tokens)
     if args.cuda_graphs:
         systems["translator_cuda_graphs"] = lambda beam: run_ours(model, sources, beam, args.batch_tokens, cuda_graphs=True)
 
@@ -139,6 +147,12 @@ def main() -> None:
         ids = {p: i for i, p in enumerate(tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size))}
         measure({"ctranslate2": lambda beam: [[ids[p] for p in h] for h in run_ct2(ct2, pieces, beam, args.batch_tokens)]})
         ct2.unload_model()
+        if args.int8:
+            ct2 = ctranslate2.Translator(str(ct2_dir), device=args.device, compute_type="int8",
+                                         inter_threads=1, intra_threads=args.threads)
+            measure({"ctranslate2_int8": lambda beam: [[ids[p] for p in h]
+                                                       for h in run_ct2(ct2, pieces, beam, args.batch_tokens)]})
+            ct2.unload_model()
     except ImportError:
         print("ctranslate2 not installed: skipping it")
 
@@ -156,6 +170,25 @@ def main() -> None:
         if "ctranslate2" in outputs[mode]:
             # ours / CTranslate2 float32, as throughput: above 1 means faster than CTranslate2.
             metrics[f"ratio_vs_ctranslate2_{mode}"] = round(metrics[f"ctranslate2_{mode}_seconds"] / ours, 3)
+    import sacrebleu
+
+    bleu = sacrebleu.BLEU()
+    for mode in modes.values():  # BLEU of each system's output (sacreBLEU, default 13a tokenization)
+        for name, out in outputs[mode].items():
+            hyps = tokenizer.decode(out)
+            metrics[f"{name}_{mode}_bleu"] = round(bleu.corpus_score(hyps, [corpus.tgt[:len(lines)]]).score, 2)
+    metrics["bleu_signature"] = bleu.get_signature().format()
+    if args.int8:
+        for name in ("translator", "ctranslate2"):
+            for mode in modes.values():
+                if f"{name}_int8_{mode}_seconds" in metrics and f"{name}_{mode}_seconds" in metrics:
+                    metrics[f"{name}_int8_speedup_{mode}"] = round(
+                        metrics[f"{name}_{mode}_seconds"] / metrics[f"{name}_int8_{mode}_seconds"], 2)
+                    metrics[f"{name}_int8_bleu_change_{mode}"] = round(
+                        metrics[f"{name}_int8_{mode}_bleu"] - metrics[f"{name}_{mode}_bleu"], 2)
+        if "ctranslate2_int8_beam4_seconds" in metrics:
+            metrics["ratio_int8_vs_ctranslate2_int8_beam4"] = round(
+                metrics["ctranslate2_int8_beam4_seconds"] / metrics["translator_int8_beam4_seconds"], 3)
     metrics["speedup_vs_hf"] = metrics.get("speedup_vs_hf_beam4")
     metrics["ratio_vs_ctranslate2"] = metrics.get("ratio_vs_ctranslate2_beam4")
     save_result(f"decode_speed_{args.device}", metrics, args.device, extra_versions=("transformers", "ctranslate2"),

@@ -1,6 +1,6 @@
 """int8 inference on CPU: PyTorch's dynamic quantization of the linear layers.
 
-Weights are stored as int8 (one scale per layer); each call quantizes its input on the fly, multiplies in int8
+Weights are stored as int8 (one scale per output row); each call quantizes its input on the fly, multiplies in int8
 with fbgemm (x86) or qnnpack (ARM) kernels and returns float32. This is the established PyTorch path for
 Transformer inference on CPU and needs no calibration data. The output projection is quantized too (it is
 about 40% of a decoding step's multiply-adds in a base model with an 8k vocabulary); where it is tied to the
@@ -42,6 +42,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             model.output.weight.copy_(model.tgt_embed.token.weight)
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; it works as documented
         warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        return quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8, inplace=True)
+        # One scale per output row, as CTranslate2 quantizes: the same speed as one per matrix, closer to float32.
+        return quantize_dynamic(model.eval(), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
