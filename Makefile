@@ -74,7 +74,7 @@ plot: $(STAMP)
 BENCH_DEVICE ?= cpu
 BENCH_SUFFIX := $(if $(filter cuda,$(BENCH_DEVICE)),_cuda,)
 BENCH_GPU_FLAGS := $(if $(filter cuda,$(BENCH_DEVICE)),--set train.precision=bf16-mixed,)
-.PHONY: bench-multi30k bench-multi30k-de-en bench-decode bench-decode-ops bench-train bench-decoder-only
+.PHONY: bench-multi30k bench-multi30k-de-en bench-decode bench-decode-ops bench-train bench-decoder-only bench-serve
 bench-multi30k: $(STAMP)
 	rm -rf runs/bench_multi30k_en_de$(BENCH_SUFFIX)
 	$(PYTHON) benchmarks/multi30k.py --recipe recipes/multi30k/en_de.yaml --data-dir $(DATA) --device $(BENCH_DEVICE) $(BENCH_GPU_FLAGS)
@@ -84,11 +84,15 @@ bench-multi30k-de-en: $(STAMP)
 	$(PYTHON) benchmarks/multi30k.py --recipe recipes/multi30k/de_en.yaml --data-dir $(DATA) --device $(BENCH_DEVICE) $(BENCH_GPU_FLAGS)
 
 # Decoding speed vs Hugging Face generate and CTranslate2 on a trained run (default: the en->de benchmark's);
-# on a GPU also with CUDA graphs.
+# on a CPU also int8 (ours and CTranslate2's), on a GPU also with CUDA graphs.
 BENCH_MODEL ?= runs/bench_multi30k_en_de
 bench-decode: $(STAMP)
 	$(PYTHON) benchmarks/decode_speed.py --model $(BENCH_MODEL) --data-dir $(DATA) --device $(BENCH_DEVICE) \
-		$(if $(filter cuda,$(BENCH_DEVICE)),--cuda-graphs,)
+		$(if $(filter cuda,$(BENCH_DEVICE)),--cuda-graphs,--int8)
+
+# Load test of translator serve (1, 8, 32 clients; with and without dynamic batching) beside CTranslate2.
+bench-serve: $(STAMP)
+	$(PYTHON) benchmarks/serve.py --model $(BENCH_MODEL) --data-dir $(DATA)
 
 # Device operations per decoding step (what bounds small-model decoding on a GPU), counted on CPU.
 bench-decode-ops: $(STAMP)

@@ -38,6 +38,7 @@ class ModelConfig:
     share_embeddings: bool = True  # one matrix for source and target embeddings (needs one vocabulary)
     tie_output: bool = True  # the pre-softmax projection is the target embedding matrix
     prefix_lm: bool = False  # decoder-only translation: the source prefix attends bidirectionally
+    draft_heads: int = 0  # extra heads proposing the next tokens for self-speculative decoding (0: the paper's model)
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
@@ -79,6 +80,8 @@ class ModelConfig:
             raise ConfigError(
                 f"arch=decoder_only has no encoder but n_encoder_layers={self.n_encoder_layers}: set it to 0"
             )
+        if self.draft_heads < 0:
+            raise ConfigError(f"draft_heads={self.draft_heads} must not be negative (0: none)")
         for name in ("vocab_size", "src_vocab_size"):
             value = getattr(self, name)
             if value is not None and value < 4:
@@ -206,6 +209,10 @@ class TrainConfig:
     # checkpoints/best.ckpt keeps the best.
     patience: int = 0
     compile: bool = False  # torch.compile: pays on fixed shapes (decoder-only blocks); batches by tokens recompile
+    # Draft heads (model.draft_heads): their losses' weight beside the main loss (multi-token prediction), and
+    # freeze: base trains the heads alone onto a trained model (with init_from), its weights unchanged.
+    draft_weight: float = 0.3
+    freeze: str = "none"  # none | base
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1
@@ -295,6 +302,11 @@ class Recipe:
             (t.loader_workers >= 0, f"train.loader_workers={t.loader_workers} must not be negative"),
             (t.patience >= 0, f"train.patience={t.patience} must not be negative (0: no early stopping)"),
             (t.val_every >= 0, f"train.val_every={t.val_every} must not be negative (0: once per epoch)"),
+            (t.freeze in ("none", "base"), f"train.freeze={t.freeze!r}: expected none or base"),
+            (t.freeze == "none" or (m.draft_heads > 0 and t.init_from),
+             "train.freeze=base trains draft heads onto a trained run: needs model.draft_heads > 0 and "
+             "train.init_from (--init-from RUN)"),
+            (t.draft_weight >= 0, f"train.draft_weight={t.draft_weight} must not be negative"),
             (self.tokenizer.vocab_size >= 8, f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small"),
             (t.adam_betas is None or (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas)),
              f"train.adam_betas={t.adam_betas}: expected two numbers in [0, 1)"),

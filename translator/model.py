@@ -381,12 +381,27 @@ class DecodeState:
         self.length += n_new
 
 
+class DraftHead(nn.Module):
+    """A draft head for self-speculative decoding (Medusa, Cai et al. 2024): a residual feed-forward on the last
+    hidden state, h + SiLU(W h), read out through the model's own output projection. Head k proposes the token k
+    positions after the one the main head predicts. W starts at zero, so a new head starts as the main head."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + F.silu(self.proj(h))
+
+
 class _Seq2SeqBase(nn.Module):
     """What both models share: weight init, the output projection, and the incremental step function."""
 
     cfg: ModelConfig
     tgt_embed: Embedding
     output: nn.Linear | None
+
+    draft_heads: nn.ModuleList
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -397,6 +412,13 @@ class _Seq2SeqBase(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=self.cfg.d_model ** -0.5)
                 nn.init.zeros_(module.weight[self.cfg.pad_id])
+        for head in self.draft_heads:
+            nn.init.zeros_(head.proj.weight)
+
+    def draft_logits(self, h: Tensor) -> list[Tensor]:
+        """The draft heads' logits for hidden states h (..., C): head k's (k = 1..K) predict the token k positions
+        after the main head's."""
+        return [self.logits(head(h)) for head in self.draft_heads]
 
     @property
     def output_weight(self) -> Tensor:  # (V, C): the target embedding when tied (Section 3.4)
@@ -445,6 +467,7 @@ class EncoderDecoder(_Seq2SeqBase):
         self.encoder = Stack(cfg, cfg.n_encoder_layers, cross_attention=False)
         self.decoder = Stack(cfg, cfg.n_decoder_layers, cross_attention=True)
         self.output = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.draft_heads = nn.ModuleList(DraftHead(cfg.d_model) for _ in range(cfg.draft_heads))  # none: no weights
         self._init_weights()
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
@@ -453,14 +476,19 @@ class EncoderDecoder(_Seq2SeqBase):
         return self.encoder(self.src_embed(src), src_mask), src_mask
 
     def decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
-        """Teacher-forced decoding: tgt (B, T) starts with BOS. Returns logits (B, T, V).
+        """Teacher-forced decoding: tgt (B, T) starts with BOS. Returns the decoder's output (B, T, C).
         Padding sits at the end of tgt, so the causal mask alone keeps real positions off it."""
-        h = self.decoder(self.tgt_embed(tgt), None, True, memory, memory_mask)
-        return self.logits(h)
+        return self.decoder(self.tgt_embed(tgt), None, True, memory, memory_mask)
 
-    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+    def states(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """The decoder's last hidden states (B, T, C), teacher-forced: what the output projection (and the draft
+        heads) read."""
         memory, memory_mask = self.encode(src)
         return self.decode(tgt, memory, memory_mask)
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """Logits (B, T, V) of the next target token at every position."""
+        return self.logits(self.states(src, tgt))
 
     @torch.no_grad()
     def start(self, src: Tensor) -> DecodeState:
@@ -488,18 +516,23 @@ class DecoderOnly(_Seq2SeqBase):
         self.tgt_embed = Embedding(cfg, cfg.vocab_size)
         self.decoder = Stack(cfg, cfg.n_decoder_layers, cross_attention=False)
         self.output = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.draft_heads = nn.ModuleList(DraftHead(cfg.d_model) for _ in range(cfg.draft_heads))  # none: no weights
         self._init_weights()
 
-    def forward(self, tokens: Tensor, prefix_len: Tensor | None = None) -> Tensor:
+    def states(self, tokens: Tensor, prefix_len: Tensor | None = None) -> Tensor:
         """tokens: (B, T), right-padded. prefix_len (B,): positions that attend bidirectionally among
-        themselves (a prefix LM over the source); None: fully causal. Returns logits (B, T, V)."""
+        themselves (a prefix LM over the source); None: fully causal. Returns the last hidden states (B, T, C)."""
         if prefix_len is None:
-            return self.logits(self.decoder(self.tgt_embed(tokens), None, True))
+            return self.decoder(self.tgt_embed(tokens), None, True)
         idx = torch.arange(tokens.size(1), device=tokens.device)
         causal = idx[None, :] <= idx[:, None]  # (T, T)
         in_prefix = idx[None, :] < prefix_len[:, None]  # (B, T): key inside the prefix
         mask = (causal[None] | (in_prefix[:, None, :] & in_prefix[:, :, None]))[:, None]
-        return self.logits(self.decoder(self.tgt_embed(tokens), mask, False))
+        return self.decoder(self.tgt_embed(tokens), mask, False)
+
+    def forward(self, tokens: Tensor, prefix_len: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V) of the next token at every position (see states)."""
+        return self.logits(self.states(tokens, prefix_len))
 
     @torch.no_grad()
     def start(self, prompt: Tensor | None = None) -> DecodeState:

@@ -108,6 +108,9 @@ class TranslationModule(L.LightningModule):
         self.save_hyperparameters({"recipe": recipe})
         self.recipe = Recipe.from_dict(recipe)
         self.model = build_model(self.recipe.model)
+        if self.recipe.train.freeze == "base":  # train the draft heads alone
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(name.startswith("draft_heads."))
         if self.recipe.train.compile:  # in place: the state dict keeps its keys (torch.compile's wrapper would
             self.model.compile()       # prefix them with _orig_mod., which nothing could load)
         self.tokenizer = Tokenizer(tokenizer_file) if tokenizer_file else None
@@ -123,14 +126,27 @@ class TranslationModule(L.LightningModule):
     # -- training ------------------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last hidden states, teacher-forced (model.logits makes them logits)."""
         if self.recipe.model.arch == "encoder_decoder":  # translation, teacher-forced
-            return self.model(batch["src"], batch["tgt_in"])
+            return self.model.states(batch["src"], batch["tgt_in"])
         # Next-token prediction: a language model, or translation as one sequence (loss on the target only).
-        return self.model(batch["tgt_in"], batch.get("prefix_len") if self.recipe.model.prefix_lm else None)
+        return self.model.states(batch["tgt_in"], batch.get("prefix_len") if self.recipe.model.prefix_lm else None)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        cfg = self.recipe.model
-        loss_sum, nll_sum = label_smoothed_loss(self(batch), batch["tgt_out"], self.recipe.train.label_smoothing, cfg.pad_id)
+        cfg, t = self.recipe.model, self.recipe.train
+        h = self(batch)
+        loss_sum, nll_sum = label_smoothed_loss(self.model.logits(h), batch["tgt_out"], t.label_smoothing, cfg.pad_id)
+        if cfg.draft_heads:  # multi-token prediction: head k at position i learns target i + k
+            heads = []
+            for k, head in enumerate(self.model.draft_heads, 1):
+                if h.size(1) > k:
+                    logits = self.model.logits(head(h[:, :-k]))
+                    heads.append(label_smoothed_loss(logits, batch["tgt_out"][:, k:], t.label_smoothing, cfg.pad_id)[0])
+                else:  # targets too short for this head: no loss, but a graph (a frozen base has no other)
+                    heads.append(head(h[:, :1]).sum() * 0.0)
+            head_loss = torch.stack(heads).mean()
+            self.log("train/draft_loss", head_loss / batch["ntokens"])
+            loss_sum = head_loss if t.freeze == "base" else loss_sum + t.draft_weight * head_loss
         ntokens = batch["ntokens"]
         loss = loss_sum / ntokens  # this batch's mean, for the log
         if not torch.isfinite(loss):  # before any optimizer step: the weights and checkpoints stay good
@@ -204,7 +220,7 @@ class TranslationModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         cfg = self.recipe.model
-        _, nll_sum = label_smoothed_loss(self(batch), batch["tgt_out"], 0.0, cfg.pad_id)
+        _, nll_sum = label_smoothed_loss(self.model.logits(self(batch)), batch["tgt_out"], 0.0, cfg.pad_id)
         self._val["nll"] += nll_sum
         self._val["tokens"] += batch["ntokens"]
         mode = self.recipe.train.val_bleu
@@ -389,7 +405,8 @@ def _wait_for(opened: Callable[[], Store], seconds: float = 3 * 3600) -> Store:
 DATA = "data"  # the store a run prepares for itself, inside its directory
 
 
-FINE_TUNABLE = {"dropout", "attention_dropout", "activation_dropout"}  # model settings --init-from may change
+# Model settings --init-from may change; draft heads missing from the source start fresh.
+FINE_TUNABLE = {"dropout", "attention_dropout", "activation_dropout", "draft_heads"}
 
 
 def _check_init_from(recipe: Recipe, source: Recipe, source_dir: str) -> None:
@@ -506,7 +523,13 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
     make_train, make_valid, references = _loaders(recipe, store)
     module = TranslationModule(recipe.to_dict(), str(store.tokenizer_file), references)  # every rank has it
     if source is not None:
-        module.model.load_state_dict(source[0].state_dict())
+        source_heads = source[2].model.draft_heads
+        state = {k: v for k, v in source[0].state_dict().items()  # heads beyond ours are dropped
+                 if not k.startswith("draft_heads.") or int(k.split(".")[1]) < recipe.model.draft_heads}
+        missing, _ = module.model.load_state_dict(state, strict=False)
+        unexpected_missing = [k for k in missing if not (k.startswith("draft_heads.") and int(k.split(".")[1]) >= source_heads)]
+        if unexpected_missing:
+            raise CheckpointError(f"--init-from {t.init_from}: weights missing for {unexpected_missing[:3]}")
 
     bleu = references and t.val_bleu != "none"
     monitor = ("val/bleu", "max") if bleu else ("val/loss", "min")
