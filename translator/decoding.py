@@ -474,3 +474,118 @@ def speculative(target: Callable[[Tensor, State], Tensor], target_state, draft: 
     if out and out[-1] == eos:
         out.pop()
     return Speculation(out, proposed, accepted)
+
+
+# -- Self-speculative decoding with draft heads, batched ----------------------------------------------------------
+
+@dataclass
+class SpeculationStats:
+    passes: int = 0  # verification passes (forward passes over the proposals), summed over sentences
+    tokens: int = 0  # tokens those passes produced (EOS included)
+    proposed: int = 0  # draft proposals put to the model
+    accepted: int = 0  # of which the model kept
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.tokens / max(self.passes, 1)
+
+
+def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Tensor], Tensor],
+                     draft: Callable[[Tensor], Tensor], state, prefix: Tensor, max_len: int | Tensor, eos: int,
+                     banned: Sequence[int] = (), sampling: dict | None = None,
+                     generator: torch.Generator | None = None) -> tuple[list[list[int]], SpeculationStats]:
+    """Batched self-speculative decoding (Medusa's scheme, verified as in Leviathan et al., 2023).
+    feed(new (N, T), state) -> hidden states (N, T, C) after those the state holds; main(h) -> next-token logits
+    (..., V); draft(h) -> the draft heads' logits (..., K, V), head k proposing the token k after main's.
+    `state` must offer reorder and reject(keep) (see DecodeState). Each round feeds every row its main token and
+    the K proposals in one pass; each row keeps the longest run of proposals the model agrees with (rows keep
+    different numbers), plus the model's own next token. Greedy (sampling=None) gives exactly greedy()'s output;
+    with sampling (temperature, top_k, top_p) every kept token follows the model's filtered distribution (a
+    proposal x is kept with probability min(1, p(x) / q(x)), else the next token is drawn from max(0, p - q))."""
+    B, device = prefix.size(0), prefix.device
+    limits = _as_lengths(max_len, B, device).tolist()
+    banned = list(banned)
+    stats = SpeculationStats()
+
+    def distribution(logits: Tensor) -> Tensor:  # (..., V) -> log-probabilities, banned tokens excluded
+        logits = logits.float().clone()
+        logits[..., banned] = -torch.inf
+        if sampling is not None:
+            shape = logits.shape
+            logits = _filter_logits(logits.reshape(-1, shape[-1]), sampling.get("temperature", 1.0),
+                                    sampling.get("top_k", 0), sampling.get("top_p", 1.0)).view(shape)
+        return torch.log_softmax(logits, dim=-1)
+
+    def pick(lprobs: Tensor) -> Tensor:  # (n, V) -> (n,)
+        if sampling is None:
+            return lprobs.argmax(dim=-1)
+        return torch.multinomial(lprobs.exp(), 1, generator=generator).squeeze(1)
+
+    def propose(h: Tensor) -> tuple[Tensor, Tensor]:
+        """From hidden states (n, C): the heads' proposals (n, K) and their distributions (n, K, V)."""
+        q = distribution(draft(h))
+        return pick(q.flatten(0, 1)).view(q.shape[:2]), q
+
+    h = feed(prefix, state)[:, -1]
+    token = pick(distribution(main(h)))
+    proposals, q = propose(h)
+    alive = list(range(B))  # original index of each row
+    out: list[list[int]] = [[] for _ in range(B)]
+    while True:
+        # The model's own token is kept (EOS where the row is at its limit). A row ends at EOS, or once it holds
+        # its limit (EOS would be forced next).
+        for row, t in zip(alive, token.tolist()):
+            out[row].append(t if len(out[row]) < limits[row] else eos)
+        stats.tokens += len(alive)
+        live = [i for i, row in enumerate(alive) if out[row][-1] != eos and len(out[row]) < limits[row]]
+        if len(live) < len(alive):
+            if not live:
+                break
+            index = torch.tensor(live, device=device)
+            state.reorder(index, sentences=live)
+            alive, token, proposals, q = [alive[i] for i in live], token[index], proposals[index], q[index]
+        K = proposals.size(1)
+        h = feed(torch.cat([token[:, None], proposals], dim=1), state)  # (n, K + 1, C)
+        p = distribution(main(h))  # (n, K + 1, V): p[:, j] follows the main token and the first j proposals
+        stats.passes += len(alive)
+        if sampling is None:
+            agree = p[:, :K].argmax(dim=-1) == proposals
+        else:
+            ratio = (p[:, :K].gather(2, proposals[..., None]) - q.gather(2, proposals[..., None])).squeeze(2).exp()
+            agree = torch.rand(ratio.shape, generator=generator, device=device) < ratio
+        # A row keeps its leading run of agreed proposals, up to EOS and within its limit.
+        room = torch.tensor([limits[row] - len(out[row]) for row in alive], device=device)
+        after_eos = torch.cumsum((proposals == eos).long(), dim=1) - (proposals == eos).long() > 0
+        agree = agree & ~after_eos & (torch.arange(K, device=device) < room[:, None])
+        n = agree.long().cumprod(dim=1).sum(dim=1)  # (n,)
+        stats.proposed += K * len(alive)
+        keep = torch.arange(K + 1, device=device) <= n[:, None]
+        state.reject(keep)
+        for row, kept, count in zip(alive, proposals.tolist(), n.tolist()):
+            out[row].extend(kept[:count])
+            stats.accepted += count
+        stats.tokens += int(n.sum())
+        ended = [i for i, row in enumerate(alive) if out[row] and out[row][-1] == eos or len(out[row]) >= limits[row]]
+        h_next = h[torch.arange(len(alive), device=device), n]  # after the last kept token
+        p_next = p[torch.arange(len(alive), device=device), n]
+        if sampling is not None:  # where a proposal was refused, the next token comes from what q under-covers
+            refused = n < K
+            if bool(refused.any()):
+                q_at = q[torch.arange(len(alive), device=device), n.clamp(max=K - 1)]
+                residual = (p_next.exp() - q_at.exp()).clamp(min=0)
+                usable = refused & (residual.sum(dim=-1) > 0)
+                p_next = torch.where(usable[:, None], (residual / residual.sum(dim=-1, keepdim=True).clamp(min=1e-30)).log(),
+                                     p_next)
+        token = pick(p_next)
+        proposals, q = propose(h_next)
+        if ended:  # finished by an accepted EOS or at the limit: their next token is not taken
+            keep_rows = [i for i in range(len(alive)) if i not in set(ended)]
+            if not keep_rows:
+                break
+            index = torch.tensor(keep_rows, device=device)
+            state.reorder(index, sentences=keep_rows)
+            alive, token, proposals, q = [alive[i] for i in keep_rows], token[index], proposals[index], q[index]
+    for tokens in out:
+        if tokens and tokens[-1] == eos:
+            tokens.pop()
+    return out, stats

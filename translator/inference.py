@@ -10,8 +10,8 @@ from torch import nn
 
 from .config import DecodeConfig
 from .cuda_graphs import GraphedStep, StaticDecodeState
-from .decoding import (EnsembleState, ForcedState, Hypothesis, beam_search, ensemble, forced_prefix, greedy,
-                       max_lengths, sample, speculative)
+from .decoding import (EnsembleState, ForcedState, Hypothesis, SpeculationStats, beam_search, ensemble,
+                       forced_prefix, greedy, max_lengths, sample, self_speculative, speculative)
 from .model import DecoderOnly, EncoderDecoder
 
 
@@ -150,6 +150,34 @@ def translate_hypotheses(model: EncoderDecoder | DecoderOnly | Ensemble, sources
         for row, i in enumerate(batch):
             results[i] = outputs[row]
     return results
+
+
+@torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
+def self_speculative_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequence[int]], options: DecodeConfig,
+                         sampling: dict | None = None, generator: torch.Generator | None = None,
+                         ) -> tuple[list[list[int]], SpeculationStats]:
+    """Translate with the model's draft heads proposing and the model verifying, in batches of similar length
+    (options.batch_tokens; 1 sentence per batch when batch_tokens is 1). Greedy (sampling=None) gives exactly
+    translate_ids' greedy output. Returns the outputs in input order and the speculation's counts."""
+    cfg = model.cfg
+    if not cfg.draft_heads:
+        raise ValueError("the model has no draft heads (model.draft_heads is 0): train some onto it with "
+                         "translator train --init-from RUN --model.draft_heads=3 --train.freeze=base")
+    sources = [list(s)[:source_limit(model)] for s in sources]
+    prepare = _encoder_decoder_batch if cfg.arch == "encoder_decoder" else _decoder_only_batch
+    results: list[list[int]] = [[] for _ in sources]
+    stats = SpeculationStats()
+    for batch in batches_by_length([len(s) + 1 for s in sources], options.batch_tokens):
+        state, prefix, limit = prepare(model, [sources[i] for i in batch], options)
+        state.position_cap = cfg.max_positions - 1
+        outputs, counts = self_speculative(model.hidden, model.logits, lambda h: torch.stack(model.draft_logits(h), -2),
+                                           state, prefix, limit, cfg.eos_id, banned=(cfg.pad_id, cfg.bos_id),
+                                           sampling=sampling, generator=generator)
+        for row, i in enumerate(batch):
+            results[i] = outputs[row]
+        for name in ("passes", "tokens", "proposed", "accepted"):
+            setattr(stats, name, getattr(stats, name) + getattr(counts, name))
+    return results, stats
 
 
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step

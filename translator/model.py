@@ -306,12 +306,18 @@ class DecodeState:
     are per row. The memory and its cross-attention entries are per sentence, shared by the sentence's `group`
     consecutive rows (its beams), so reordering beams never copies them. `pad_len` counts left padding per row
     (decoder-only prompts of unequal length): those positions are never attended to, and positions count from
-    the first real token."""
+    the first real token. `rejected` marks, per row, cache positions that hold drafted tokens the model did not
+    accept (self-speculative decoding: rows accept different numbers): they are never attended to and do not
+    count as positions, so each row reads as if only its accepted tokens had been fed."""
 
     kv: list[tuple[KVCache, KV | None]]
     memory: Tensor | None = None  # (B, S, C); dropped once its keys/values are cached
     memory_mask: Tensor | None = None  # (B, 1, 1, S) True at real source tokens
     pad_len: Tensor | None = None  # (N,)
+    rejected: Tensor | None = None  # (N, length) bool
+    fewest_rejected: int = 0  # the least rejected positions of any row (bounds the positions used, on the host)
+    # Speculation feeds proposals past a row's output limit, which are never kept: their positions may be capped.
+    position_cap: int | None = None
     length: int = 0  # positions fed so far
     group: int = 1  # rows per sentence
     reuse_logits: bool = False  # step writes its logits into `logits`, over the previous step's (on CPU)
@@ -329,6 +335,9 @@ class DecodeState:
         for cache, _ in self.kv:
             cache.reorder(index, moved, sources)
         self.pad_len = None if self.pad_len is None else self.pad_len.index_select(0, index)
+        if self.rejected is not None:
+            self.rejected = self.rejected.index_select(0, index)
+            self.fewest_rejected = int(self.rejected.sum(dim=1).min()) if index.numel() else 0
         per_sentence = self.memory_mask if self.memory_mask is not None else self.memory
         if per_sentence is not None and sentences != range(per_sentence.size(0)):
             sentences = index[::group] // self.group if sentences is None else \
@@ -343,10 +352,23 @@ class DecodeState:
         self.group = group
 
     def truncate(self, length: int) -> None:
-        """Forget positions from `length` on (speculative decoding rejects drafted tokens this way)."""
+        """Forget positions from `length` on (speculative decoding of one sentence rejects drafted tokens this way)."""
         for cache, _ in self.kv:
             cache.truncate(length)
         self.length = length
+        if self.rejected is not None:
+            self.rejected = self.rejected[:, :length]
+
+    def reject(self, keep: Tensor) -> None:
+        """Of the last keep.size(1) positions fed, hide those where keep (N, T) is False, row by row."""
+        fed = self.rejected if self.rejected is not None else keep.new_zeros(keep.size(0), self.length - keep.size(1))
+        self.rejected = torch.cat([fed, ~keep], dim=1)
+        self.fewest_rejected = int(self.rejected.sum(dim=1).min())
+
+    def end(self, new: Tensor) -> int:
+        """An upper bound of the positions used once the new tokens are in (checked against max_positions)."""
+        end = self.length + new.size(1) - self.fewest_rejected
+        return end if self.position_cap is None else min(end, self.position_cap + 1)
 
     def _written(self, new: Tensor) -> Tensor:
         """Where the new tokens (N, T) go in the cache: (T,)."""
@@ -361,20 +383,29 @@ class DecodeState:
     def positions(self, new: Tensor) -> Tensor:
         """Positions of the new tokens (N, T) after those the state holds: (T,), or (N, T) after left padding."""
         positions = self._written(new)
-        if self.pad_len is None:
-            return positions
-        return (positions[None, :] - self.pad_len[:new.size(0), None]).clamp(min=0)
+        if self.pad_len is None and self.rejected is None:
+            return positions if self.position_cap is None else positions.clamp(max=self.position_cap)
+        skipped = 0
+        if self.pad_len is not None:
+            skipped = self.pad_len[:new.size(0), None]
+        if self.rejected is not None:
+            skipped = skipped + self.rejected.sum(dim=1, keepdim=True)
+        return (positions[None, :] - skipped).clamp(min=0, max=self.position_cap)
 
     def attention_mask(self, new: Tensor, bidirectional: bool = False) -> Tensor | None:
         """Self-attention mask for the new tokens (N, T) over the cache, (N or 1, 1, T or 1, S): the written
         positions up to each query's own (a prefix LM's prompt, bidirectional: all of itself), none of the left
         padding. None where nothing needs hiding."""
-        if (new.size(1) == 1 or bidirectional) and self.pad_len is None and not self._reads_unwritten:
+        if (new.size(1) == 1 or bidirectional) and self.pad_len is None and self.rejected is None \
+                and not self._reads_unwritten:
             return None  # one new position may see every cached one; a bidirectional prompt sees all of itself
         key, query = self._keys(new), self._written(new)
         mask = (key <= (query[-1:, None] if bidirectional else query[:, None]))[None, None]
         if self.pad_len is not None:
             mask = mask & (key >= self.pad_len[:new.size(0), None])[:, None, None, :]
+        if self.rejected is not None:  # the new positions are not rejected (yet)
+            accepted = torch.nn.functional.pad(~self.rejected[:new.size(0)], (0, new.size(1)), value=True)
+            mask = mask & accepted[:, None, None, :]
         return mask
 
     def advance(self, n_new: int) -> None:
@@ -498,7 +529,7 @@ class EncoderDecoder(_Seq2SeqBase):
 
     def hidden(self, new: Tensor, state: DecodeState) -> Tensor:
         """The decoder's output for the new tokens (N, T) after those the state holds."""
-        x = self.tgt_embed(new, state.positions(new), end=state.length + new.size(1))
+        x = self.tgt_embed(new, state.positions(new), end=state.end(new))
         h = self.decoder(x, state.attention_mask(new), False, state.memory, state.memory_mask, state)
         state.advance(new.size(1))
         state.memory = None  # its keys/values are cached in every layer now
@@ -547,7 +578,7 @@ class DecoderOnly(_Seq2SeqBase):
 
     def hidden(self, new: Tensor, state: DecodeState) -> Tensor:
         """The stack's output for the new tokens (N, T) after those the state holds."""
-        x = self.tgt_embed(new, state.positions(new), end=state.length + new.size(1))
+        x = self.tgt_embed(new, state.positions(new), end=state.end(new))
         prompt = self.cfg.prefix_lm and state.length == 0  # a prefix LM reads its prompt (the source) both ways
         h = self.decoder(x, state.attention_mask(new, bidirectional=prompt), False, state=state)
         state.advance(new.size(1))

@@ -1,0 +1,201 @@
+"""Self-speculative decoding with draft heads: exactly greedy's output (rows accepting different numbers of
+proposals in one batch), the target distribution under sampling, and the heads themselves."""
+
+import pytest
+import torch
+
+from translator import ModelConfig, build_model, count_parameters
+from translator.config import DecodeConfig
+from translator.decoding import greedy, self_speculative
+from translator.inference import self_speculative_ids, translate_ids
+
+PAD, BOS, EOS, WRONG, V = 0, 1, 2, 3, 12
+
+
+class Scripted:
+    """A test double of a model with draft heads. Row r's greedy continuation is SEQS[r] then EOS; off that path
+    the model says WRONG. The heads propose the path too, except where `mistakes` holds (row, output position,
+    head): there head k proposes WRONG, so rows accept different numbers of proposals in the same round."""
+
+    SEQS = [[4, 5, 6, 7, 8, 9, 10, 11], [5, 5, 5, 6], [11, 10, 9, 8, 7, 6, 5], [7], [6, 7, 8, 9, 10, 11, 4, 5, 6]]
+
+    def __init__(self, mistakes, heads=3):
+        self.mistakes, self.heads = set(mistakes), heads
+
+    def next_token(self, row, history):  # history: the tokens after BOS
+        path = self.SEQS[row] + [EOS]
+        return path[len(history)] if history == path[:len(history)] and len(history) < len(path) else WRONG
+
+    def one_hot(self, token):
+        logits = torch.full((V,), -5.0)
+        logits[token] = 5.0
+        return logits
+
+    # The step function greedy() reads: the whole prefix per row.
+    def step(self, tokens, state):
+        return torch.stack([self.one_hot(self.next_token(row, t[1:])) for row, t in zip(state.rows, tokens.tolist())])
+
+    # feed / main / draft for self_speculative: hidden states are (row, history length) pairs.
+    def feed(self, new, state):
+        h = []
+        for i, tokens in enumerate(new.tolist()):
+            start = len(state.fed[i])
+            state.fed[i] += tokens
+            h.append([[state.rows[i], start + j + 1] for j in range(len(tokens))])
+        state.last = [len(t) for t in new.tolist()]
+        self.histories = state
+        return torch.tensor(h, dtype=torch.float)
+
+    def history(self, row, length):
+        i = self.histories.rows.index(row)
+        return self.histories.fed[i][1:length]  # after BOS
+
+    def main(self, h):
+        flat = h.reshape(-1, 2).long().tolist()
+        return torch.stack([self.one_hot(self.next_token(r, self.history(r, n))) for r, n in flat]).view(*h.shape[:-1], V)
+
+    def draft(self, h):
+        out = []
+        for r, n in h.reshape(-1, 2).long().tolist():
+            history = self.history(r, n)
+            path = self.SEQS[r] + [EOS] * 10
+            proposals = []
+            for k in range(1, self.heads + 1):
+                wrong = (r, len(history), k) in self.mistakes or history != path[:len(history)]
+                proposals.append(self.one_hot(WRONG if wrong else path[len(history) + k]))
+            out.append(torch.stack(proposals))
+        return torch.stack(out).view(*h.shape[:-1], self.heads, V)
+
+
+class ScriptedState:
+    def __init__(self, n):
+        self.rows, self.fed, self.last = list(range(n)), [[] for _ in range(n)], None
+
+    def reorder(self, index, group=1, sentences=None):
+        keep = index.tolist()
+        self.rows, self.fed = [self.rows[i] for i in keep], [self.fed[i] for i in keep]
+
+    def reject(self, keep):
+        for i, mask in enumerate(keep.tolist()):
+            fed = self.fed[i][:len(self.fed[i]) - len(mask)]
+            self.fed[i] = fed + [t for t, k in zip(self.fed[i][len(fed):], mask) if k]
+
+
+@pytest.mark.parametrize("mistakes", [[], [(0, 1, 2), (0, 4, 1), (2, 0, 1), (2, 3, 3), (4, 2, 2)],
+                                      [(r, i, 1) for r in range(5) for i in range(12)]])
+def test_speculative_greedy_equals_greedy_with_rows_accepting_different_counts(mistakes):
+    model = Scripted(mistakes)
+    n = len(Scripted.SEQS)
+    prefix = torch.full((n, 1), BOS)
+
+    class Rows:
+        rows = list(range(n))
+
+        def reorder(self, index, group=1, sentences=None):
+            self.rows = [self.rows[i] for i in index.tolist()]
+
+    expected = greedy(model.step, Rows(), prefix, 20, EOS, banned=(PAD, BOS))
+    assert expected == Scripted.SEQS
+    got, stats = self_speculative(model.feed, model.main, model.draft, ScriptedState(n), prefix, 20, EOS,
+                                  banned=(PAD, BOS))
+    assert got == expected
+    if not mistakes:  # every proposal right: each pass yields the main token plus 3
+        assert stats.accepted == stats.proposed - sum(3 - (len(s) % 4 or 4) + 1 for s in Scripted.SEQS) or \
+            stats.tokens_per_pass > 3
+    limited, _ = self_speculative(model.feed, model.main, model.draft, ScriptedState(n), prefix, 5, EOS,
+                                  banned=(PAD, BOS))
+    assert limited == greedy(model.step, Rows(), prefix, 5, EOS, banned=(PAD, BOS))  # the output limit binds
+
+
+def test_speculative_sampling_follows_the_target_distribution():
+    # The model's next-token distribution p is fixed; the heads propose from q. Every sampled token, the main
+    # one and the accepted proposals alike, must follow p.
+    p = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.45, 0.2, 0.3])
+    q = torch.tensor([0.0, 0.0, 0.0, 0.3, 0.1, 0.5, 0.1])
+    n, heads = 3000, 2
+
+    class State:
+        def reorder(self, index, group=1, sentences=None):
+            pass
+
+        def reject(self, keep):
+            pass
+
+    def feed(new, state):
+        return torch.zeros(new.size(0), new.size(1), 1)
+
+    def main(h):
+        return p.log().expand(*h.shape[:-1], 7)
+
+    def draft(h):
+        return q.log().expand(*h.shape[:-1], heads, 7)
+
+    g = torch.Generator().manual_seed(0)
+    out, stats = self_speculative(feed, main, draft, State(), torch.full((n, 1), BOS), 3, EOS, banned=(PAD, BOS),
+                                  sampling={"temperature": 1.0}, generator=g)
+    assert 0 < stats.accepted < stats.proposed
+    for position in range(3):
+        counts = torch.bincount(torch.tensor([o[position] for o in out]), minlength=7).float()
+        assert (counts / counts.sum() - p).abs().sum() / 2 < 0.03, position  # total variation distance
+
+
+def tiny_with_heads(arch, heads=3):
+    extra = {"prefix_lm": True} if arch == "decoder_only" else {}
+    cfg = ModelConfig.from_name("tiny" if arch == "encoder_decoder" else "lm_tiny", vocab_size=30, dropout=0.0,
+                                draft_heads=heads, **extra)
+    return build_model(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_no_heads_is_the_papers_model_exactly(arch):
+    torch.manual_seed(0)
+    plain = tiny_with_heads(arch, heads=0)
+    torch.manual_seed(0)
+    with_heads = tiny_with_heads(arch, heads=3)
+    assert count_parameters(plain) == count_parameters(tiny_with_heads(arch, heads=0))
+    assert set(with_heads.state_dict()) - set(plain.state_dict()) == {f"draft_heads.{i}.proj.{w}" for i in range(3)
+                                                                       for w in ("weight", "bias")}
+    assert count_parameters(with_heads) - count_parameters(plain) == 3 * (32 * 32 + 32)
+    assert not any(k.startswith("draft_heads") for k in plain.state_dict())
+    # New heads start as the main head (their residual branch is zero).
+    h = torch.randn(2, 5, 32)
+    assert all(torch.equal(logits, with_heads.logits(h)) for logits in with_heads.draft_logits(h))
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_model_speculative_greedy_equals_greedy_batched_and_alone(arch):
+    torch.manual_seed(1)
+    model = tiny_with_heads(arch)
+    for i, head in enumerate(model.draft_heads):  # heads right some of the time: mixed acceptance
+        torch.nn.init.normal_(head.proj.weight, std=0.02 * (i + 1))
+    with torch.no_grad():  # an untrained model: keep EOS (logit 0 through the tied embedding) from ending at once
+        model.tgt_embed.token.weight[EOS] = 0.0
+    sources = [torch.randint(4, 30, (n,)).tolist() for n in (3, 8, 5, 12, 1, 6, 9, 4)]
+    options = DecodeConfig(max_len_b=10, batch_tokens=10_000)
+    expected = [o[0] for o in translate_ids(model, sources, options, mode="greedy")]
+    batched, stats = self_speculative_ids(model, sources, options)
+    alone, _ = self_speculative_ids(model, sources, DecodeConfig(max_len_b=10, batch_tokens=1))
+    assert batched == expected and alone == expected
+    assert stats.accepted > 0 and stats.passes > 0
+
+
+def test_a_model_without_heads_is_refused():
+    with pytest.raises(ValueError, match="no draft heads"):
+        self_speculative_ids(tiny_with_heads("encoder_decoder", heads=0), [[5, 6]], DecodeConfig())
+
+
+def test_heads_trained_onto_a_frozen_model_speed_it_up_and_change_nothing_else(toy_model_dir, toy_heads_dir):
+    from translator.checkpoint import load_model
+
+    run_dir, data_dir = toy_model_dir
+    base, tokenizer, _ = load_model(run_dir)
+    model, _, recipe = load_model(toy_heads_dir)
+    heads = {k for k in model.state_dict() if k.startswith("draft_heads.")}
+    assert len(heads) == 6 and all(torch.equal(v, model.state_dict()[k]) for k, v in base.state_dict().items())
+    sources = tokenizer.encode((data_dir / "toy/valid.en").read_text().splitlines()[:60])
+    options = DecodeConfig(beam=1, batch_tokens=10_000)
+    expected = [o[0] for o in translate_ids(model, sources, options, mode="greedy")]
+    batched, stats = self_speculative_ids(model, sources, options)
+    alone, _ = self_speculative_ids(model, sources, DecodeConfig(beam=1, batch_tokens=1))
+    assert batched == expected and alone == expected
+    assert stats.tokens_per_pass > 1.5, stats  # the heads learned to propose what the model says
