@@ -8,8 +8,8 @@ from translator import ModelConfig, build_model
 from translator.checkpoint import load_model
 from translator.cli import main
 from translator.config import DecodeConfig, load_recipe
-from translator.decoding import _filter_logits, greedy, sample, speculative
-from translator.inference import translate_ids
+from translator.decoding import DraftModel, _filter_logits, greedy, sample, self_speculative
+from translator.inference import speculative_ids, translate_ids
 from translator.training import fit
 
 PAD, BOS, EOS = 0, 1, 2
@@ -38,62 +38,58 @@ def start(model, source):
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_greedy_speculative_equals_greedy(arch, k):
     target, draft = tiny_pair(arch)
-    total = accepted = 0
-    for seed in range(8):
-        source = torch.randint(4, 30, (1, 3 + seed), generator=torch.Generator().manual_seed(seed))
-        state, prefix = start(target, source)
-        expected = greedy(target.step, state, prefix, 20, EOS, banned=(PAD, BOS))[0]
-        t_state, prefix = start(target, source)
-        d_state, _ = start(draft, source)
-        got = speculative(target.decode_incremental, t_state, draft.decode_incremental, d_state, prefix, 20, EOS, k=k,
-                          banned=(PAD, BOS))
-        assert got.tokens == expected
-        total, accepted = total + got.proposed, accepted + got.accepted
-    assert 0 <= accepted <= total
+    sources = [torch.randint(4, 30, (3 + seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+               for seed in range(8)]
+    options = DecodeConfig(beam=1, max_len_b=20, batch_tokens=10_000)
+    expected = [o[0] for o in translate_ids(target, sources, options, mode="greedy")]
+    batched, rate = speculative_ids(target, draft, sources, options, k=k)
+    alone, _ = speculative_ids(target, draft, sources, DecodeConfig(beam=1, max_len_b=20, batch_tokens=1), k=k)
+    assert batched == expected and alone == expected
+    assert 0 <= rate <= 1
 
 
 def test_a_draft_equal_to_the_target_is_always_accepted():
     target, _ = tiny_pair("decoder_only")
-    source = torch.randint(4, 30, (1, 5))
-    t_state, prefix = start(target, source)
-    d_state, _ = start(target, source)
-    got = speculative(target.decode_incremental, t_state, target.decode_incremental, d_state, prefix, 15, EOS, k=4,
-                      banned=(PAD, BOS))
-    assert got.accepted == got.proposed > 0
+    with torch.no_grad():  # keep the untrained model from ending at once (EOS logit 0 through the tied embedding)
+        target.tgt_embed.token.weight[EOS] = 0.0
+    sources = torch.randint(4, 30, (3, 5)).tolist()
+    outputs, rate = speculative_ids(target, target, sources, DecodeConfig(beam=1, max_len_b=15), k=4)
+    assert rate == 1.0 and all(outputs)
 
 
 def test_speculative_sampling_preserves_the_target_distribution():
-    # Scripted one-step models over 6 tokens: the first sampled token must follow p (filtered), whatever q is.
+    # Scripted one-step models over 6 tokens: every sampled token must follow p (filtered), whatever q is.
     p = torch.tensor([0.0, 0.0, 0.05, 0.45, 0.2, 0.3])
     q = torch.tensor([0.0, 0.0, 0.3, 0.1, 0.5, 0.1])
 
     class State:
-        length = 0
+        def reorder(self, index, group=1, sentences=None):
+            pass
 
-        def truncate(self, n):
-            self.length = n
+        def reject(self, keep):
+            pass
 
-    def model(probs):
-        def score(new, state):
-            state.length += new.size(1)
-            return probs.log().expand(1, new.size(1), 6)
-        return score
+    def feed(new, state):
+        return torch.zeros(new.size(0), new.size(1), 1)
 
-    g = torch.Generator().manual_seed(0)
-    counts = torch.zeros(6)
-    for _ in range(4000):
-        got = speculative(model(p), State(), model(q), State(), torch.tensor([[BOS]]), 1, EOS, k=1, banned=(PAD, BOS),
-                          sampling={"temperature": 1.0}, generator=g)
-        counts[got.tokens[0] if got.tokens else EOS] += 1
-    empirical = counts / counts.sum()
-    assert (empirical - p).abs().sum() / 2 < 0.03  # total variation distance
+    def scores(probs):
+        return lambda h: probs.log().expand(*h.shape[:-1], 6)
+
+    def run(n, k, sampling, seed):
+        prefix = torch.full((n, 1), BOS)
+        proposer = DraftModel(feed, scores(q), State(), prefix, k)
+        return self_speculative(feed, scores(p), proposer, State(), prefix, 3, EOS, banned=(PAD, BOS),
+                                sampling=sampling, generator=torch.Generator().manual_seed(seed))[0]
+
+    out = run(4000, 1, {"temperature": 1.0}, 0)
+    for position in range(3):  # the first token is the model's own; the later ones pass the acceptance rule
+        alive = [o for o in out if len(o) >= position]  # rows that had not ended (an ended row's token is EOS)
+        counts = torch.bincount(torch.tensor([o[position] if len(o) > position else EOS for o in alive]), minlength=6)
+        assert (counts / counts.sum() - p).abs().sum() / 2 < 0.03, position  # total variation distance
     # With filtering, the target's *filtered* distribution is what comes out.
     filtered = _filter_logits(p.log()[None], 1.0, 2, 1.0).softmax(-1)[0]
-    counts.zero_()
-    for _ in range(2000):
-        got = speculative(model(p), State(), model(q), State(), torch.tensor([[BOS]]), 1, EOS, k=2, banned=(PAD, BOS),
-                          sampling={"top_k": 2}, generator=g)
-        counts[got.tokens[0] if got.tokens else EOS] += 1
+    out = run(2000, 2, {"top_k": 2}, 1)
+    counts = torch.bincount(torch.tensor([t for o in out for t in o]), minlength=6).float()
     assert set(counts.nonzero().flatten().tolist()) == {3, 5}
     assert ((counts / counts.sum()) - filtered).abs().sum() / 2 < 0.04
 

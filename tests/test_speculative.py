@@ -6,7 +6,7 @@ import torch
 
 from translator import ModelConfig, build_model, count_parameters
 from translator.config import DecodeConfig
-from translator.decoding import greedy, self_speculative
+from translator.decoding import greedy, heads, self_speculative
 from translator.inference import self_speculative_ids, translate_ids
 
 PAD, BOS, EOS, WRONG, V = 0, 1, 2, 3, 12
@@ -96,13 +96,13 @@ def test_speculative_greedy_equals_greedy_with_rows_accepting_different_counts(m
 
     expected = greedy(model.step, Rows(), prefix, 20, EOS, banned=(PAD, BOS))
     assert expected == Scripted.SEQS
-    got, stats = self_speculative(model.feed, model.main, model.draft, ScriptedState(n), prefix, 20, EOS,
+    got, stats = self_speculative(model.feed, model.main, heads(model.draft), ScriptedState(n), prefix, 20, EOS,
                                   banned=(PAD, BOS))
     assert got == expected
     if not mistakes:  # every proposal right: each pass yields the main token plus 3
         assert stats.accepted == stats.proposed - sum(3 - (len(s) % 4 or 4) + 1 for s in Scripted.SEQS) or \
             stats.tokens_per_pass > 3
-    limited, _ = self_speculative(model.feed, model.main, model.draft, ScriptedState(n), prefix, 5, EOS,
+    limited, _ = self_speculative(model.feed, model.main, heads(model.draft), ScriptedState(n), prefix, 5, EOS,
                                   banned=(PAD, BOS))
     assert limited == greedy(model.step, Rows(), prefix, 5, EOS, banned=(PAD, BOS))  # the output limit binds
 
@@ -112,7 +112,7 @@ def test_speculative_sampling_follows_the_target_distribution():
     # one and the accepted proposals alike, must follow p.
     p = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.45, 0.2, 0.3])
     q = torch.tensor([0.0, 0.0, 0.0, 0.3, 0.1, 0.5, 0.1])
-    n, heads = 3000, 2
+    n, k = 3000, 2
 
     class State:
         def reorder(self, index, group=1, sentences=None):
@@ -128,10 +128,10 @@ def test_speculative_sampling_follows_the_target_distribution():
         return p.log().expand(*h.shape[:-1], 7)
 
     def draft(h):
-        return q.log().expand(*h.shape[:-1], heads, 7)
+        return q.log().expand(*h.shape[:-1], k, 7)
 
     g = torch.Generator().manual_seed(0)
-    out, stats = self_speculative(feed, main, draft, State(), torch.full((n, 1), BOS), 3, EOS, banned=(PAD, BOS),
+    out, stats = self_speculative(feed, main, heads(draft), State(), torch.full((n, 1), BOS), 3, EOS, banned=(PAD, BOS),
                                   sampling={"temperature": 1.0}, generator=g)
     assert 0 < stats.accepted < stats.proposed
     for position in range(3):

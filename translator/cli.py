@@ -175,6 +175,12 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
     mode, sampling = _mode(args, options)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed) if args.sample else None
     draft = None
+    if args.speculate == "heads":
+        if mode == "beam":
+            raise ValueError("--speculate heads decodes greedily or by sampling: pass --beam 1 or --sample")
+        if args.draft or len(args.model) > 1 or args.prefix:
+            raise ValueError("--speculate heads speeds up one model with its own heads: drop --draft, the extra "
+                             "--model or --prefix")
     if args.draft:
         from .checkpoint import load_model
 
@@ -199,7 +205,7 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
                     raise ValueError(f"--prefix {args.prefix} has {count + len(prefix_chunk)} lines, fewer than the input")
             done = translate_lines(model, tokenizer, chunk, options, mode, 1 if args.sample else args.nbest, sampling,
                                    generator, draft, args.draft_k, prefix_chunk,
-                                   args.alignment_layer if args.alignments else None)
+                                   args.alignment_layer if args.alignments else None, args.speculate == "heads")
             for i, hyps in enumerate(done.texts, count):
                 if args.nbest > 1 and not args.sample:  # Moses n-best format: id ||| text ||| rank
                     out.writelines(f"{i} ||| {h} ||| {rank}\n" for rank, h in enumerate(hyps))
@@ -265,7 +271,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         for chunk in chunks(prompts, args.chunk_lines):
             texts = [line.strip() for line in chunk]
             ids = [x if text else [] for x, text in zip(tokenizer.encode(texts), texts)]
-            continuations = generate_ids(model, ids, args.max_new_tokens, mode, sampling, generator)
+            continuations = generate_ids(model, ids, args.max_new_tokens, mode, sampling, generator,
+                                         speculate_heads=args.speculate == "heads")
             for text, cont in zip(texts, tokenizer.decode(continuations)):
                 line = f"{text} {cont}".strip() if args.echo else cont
                 out.write(one_line(line) + "\n")
@@ -509,7 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling (instead of beam search)")
     g.add_argument("--sample", action="store_true", help="sample translations instead of searching")
     _add_sampling(g)
-    g = p.add_argument_group("speculative decoding (greedy or sampling, one sentence at a time)")
+    g = p.add_argument_group("speculative decoding (greedy or sampling; the greedy output is exactly the model's)")
+    g.add_argument("--speculate", choices=["heads"],
+                   help="heads: the model's own draft heads (model.draft_heads) propose, the model verifies, in batches")
     g.add_argument("--draft", help="a smaller model (run directory) with the same architecture and vocabulary that "
                                    "proposes tokens; greedy output is unchanged, only faster when the draft agrees")
     g.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round")
@@ -560,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="the most probable token each step instead of sampling")
     _add_sampling(p)
     p.add_argument("--echo", action="store_true", help="write the prompt before its continuation")
+    p.add_argument("--speculate", choices=["heads"],
+                   help="heads: the model's draft heads propose, the model verifies (greedy output unchanged)")
     p.add_argument("--chunk-lines", type=int, default=10000, help="prompts read, generated and written at a time")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_generate)

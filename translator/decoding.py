@@ -390,93 +390,7 @@ def forced_prefix(step: StepFn) -> StepFn:
     return forced_step
 
 
-# -- Speculative decoding ---------------------------------------------------------------------------------------
-
-@dataclass
-class Speculation:
-    tokens: list[int]
-    proposed: int  # draft tokens put to the target
-    accepted: int  # of which the target kept
-
-
-def speculative(target: Callable[[Tensor, State], Tensor], target_state, draft: Callable[[Tensor, State], Tensor],
-                draft_state, prefix: Tensor, max_len: int, eos: int, k: int = 4, banned: Sequence[int] = (),
-                sampling: dict | None = None, generator: torch.Generator | None = None) -> Speculation:
-    """One sequence (prefix: (1, P)) decoded by a target model with a draft model's help (Leviathan et al.,
-    2023). `target`/`draft` map new tokens (1, t) and their state to logits (1, t, V), e.g. a model's
-    decode_incremental; states offer `.length` and `.truncate(n)`. Each round the draft proposes up to k
-    tokens, the target scores them all in one pass and keeps the longest agreeing prefix plus one token of
-    its own. Greedy (sampling=None) gives exactly the target's greedy output; with sampling (temperature,
-    top_k, top_p) accepted tokens follow the target's filtered distribution."""
-    def distribution(logits: Tensor) -> Tensor:  # (t, V) -> the (filtered) next-token log-probabilities
-        lprobs = torch.log_softmax(logits.float(), dim=-1)
-        lprobs[:, list(banned)] = -torch.inf
-        if sampling is None:
-            return lprobs
-        return torch.log_softmax(_filter_logits(lprobs, sampling.get("temperature", 1.0), sampling.get("top_k", 0),
-                                                sampling.get("top_p", 1.0)), dim=-1)
-
-    def pick(lprobs: Tensor) -> int:  # (V,) -> a token
-        if sampling is None:
-            return int(lprobs.argmax())
-        return int(torch.multinomial(lprobs.exp(), 1, generator=generator))
-
-    def uniform() -> float:
-        return float(torch.rand((), generator=generator, device=prefix.device))
-
-    tokens = prefix[0].tolist()
-    device = prefix.device
-    # The target reads the whole prefix first (a prefix LM needs its prompt in one pass); later rounds hold
-    # every token but the last in its cache and read that one again together with the proposals.
-    pending = distribution(target(prefix[:, target_state.length:], target_state)[0, -1:])
-    out: list[int] = []
-    proposed = accepted = 0
-    while len(out) < max_len and (not out or out[-1] != eos):
-        draft_lprobs, proposal = [], []
-        new = torch.tensor([tokens[draft_state.length:]], device=device)  # the draft catches up, then proposes
-        for _ in range(min(k, max_len - len(out))):
-            lprobs = distribution(draft(new, draft_state)[0, -1:])[0]
-            proposal.append(pick(lprobs))
-            draft_lprobs.append(lprobs)
-            if proposal[-1] == eos:
-                break
-            new = torch.tensor([[proposal[-1]]], device=device)
-        # One target pass scores every proposal: len(proposal) + 1 predictions.
-        if pending is not None:
-            target_lprobs = torch.cat([pending, distribution(target(torch.tensor([proposal], device=device), target_state)[0])])
-            pending = None
-        else:
-            target_lprobs = distribution(target(torch.tensor([tokens[-1:] + proposal], device=device), target_state)[0])
-        n = 0
-        while n < len(proposal):
-            x = proposal[n]
-            if sampling is None:
-                ok = int(target_lprobs[n].argmax()) == x
-            else:  # accept with probability min(1, p(x) / q(x))
-                ok = uniform() < float((target_lprobs[n, x] - draft_lprobs[n][x]).exp().clamp(max=1.0))
-            if not ok:
-                break
-            n += 1
-        if n < len(proposal) and sampling is not None:  # resample from the part of p that q under-covers
-            residual = (target_lprobs[n].exp() - draft_lprobs[n].exp()).clamp(min=0)
-            nxt = int(torch.multinomial(residual / residual.sum(), 1, generator=generator)) if residual.sum() > 0 \
-                else pick(target_lprobs[n])
-        else:
-            nxt = pick(target_lprobs[n])
-        ended = n > 0 and proposal[n - 1] == eos
-        kept = proposal[:n] + ([] if ended or len(out) + n >= max_len else [nxt])
-        proposed, accepted = proposed + len(proposal), accepted + n
-        tokens += kept
-        out += kept
-        # Forget what rejected proposals wrote into the caches; keep every token but the last.
-        target_state.truncate(min(target_state.length, len(tokens) - 1))
-        draft_state.truncate(min(draft_state.length, len(tokens) - 1))
-    if out and out[-1] == eos:
-        out.pop()
-    return Speculation(out, proposed, accepted)
-
-
-# -- Self-speculative decoding with draft heads, batched ----------------------------------------------------------
+# -- Speculative decoding, batched: draft heads or a draft model ---------------------------------------------
 
 @dataclass
 class SpeculationStats:
@@ -490,18 +404,56 @@ class SpeculationStats:
         return self.tokens / max(self.passes, 1)
 
 
-def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Tensor], Tensor],
-                     draft: Callable[[Tensor], Tensor], state, prefix: Tensor, max_len: int | Tensor, eos: int,
-                     banned: Sequence[int] = (), sampling: dict | None = None,
+def heads(draft: Callable[[Tensor], Tensor]):
+    """A proposer for self_speculative from draft heads: draft(h) -> their logits (n, K, V) at hidden states h."""
+    def propose(h: Tensor, token: Tensor, choose) -> tuple[Tensor, Tensor]:
+        return choose(draft(h))
+    return propose
+
+
+class DraftModel:
+    """A proposer for self_speculative from a separate, smaller model on the same vocabulary: it drafts K tokens
+    after the model's token, one step each, with its own state (which offers reorder and reject as DecodeState
+    does). It also feeds its last proposal, so that its state holds every token the model may keep."""
+
+    def __init__(self, feed: Callable[[Tensor, State], Tensor], logits: Callable[[Tensor], Tensor], state, prefix: Tensor,
+                 k: int):
+        self.feed, self.logits, self.state, self.k = feed, logits, state, k
+        feed(prefix, state)
+
+    def __call__(self, h: Tensor, token: Tensor, choose) -> tuple[Tensor, Tensor]:
+        x, proposals, q = token[:, None], [], []
+        for _ in range(self.k):
+            proposal, lprobs = choose(self.logits(self.feed(x, self.state)[:, -1]))
+            proposals.append(proposal)
+            q.append(lprobs)
+            x = proposal[:, None]
+        self.feed(x, self.state)
+        return torch.stack(proposals, dim=1), torch.stack(q, dim=1)
+
+    def update(self, kept: Tensor) -> None:
+        """kept (n,): proposals the model kept per row; the draft forgets the others."""
+        self.state.reject(torch.arange(self.k + 1, device=kept.device) <= kept[:, None])
+
+    def reorder(self, index: Tensor) -> None:
+        self.state.reorder(index, sentences=index.tolist())
+
+
+def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Tensor], Tensor], propose, state,
+                     prefix: Tensor, max_len: int | Tensor, eos: int, banned: Sequence[int] = (),
+                     sampling: dict | None = None,
                      generator: torch.Generator | None = None) -> tuple[list[list[int]], SpeculationStats]:
-    """Batched self-speculative decoding (Medusa's scheme, verified as in Leviathan et al., 2023).
+    """Batched speculative decoding (Leviathan et al., 2023), with the model's own draft heads proposing (Medusa's
+    scheme: propose=heads(...)) or a separate draft model (propose=DraftModel(...)).
     feed(new (N, T), state) -> hidden states (N, T, C) after those the state holds; main(h) -> next-token logits
-    (..., V); draft(h) -> the draft heads' logits (..., K, V), head k proposing the token k after main's.
-    `state` must offer reorder and reject(keep) (see DecodeState). Each round feeds every row its main token and
-    the K proposals in one pass; each row keeps the longest run of proposals the model agrees with (rows keep
-    different numbers), plus the model's own next token. Greedy (sampling=None) gives exactly greedy()'s output;
-    with sampling (temperature, top_k, top_p) every kept token follows the model's filtered distribution (a
-    proposal x is kept with probability min(1, p(x) / q(x)), else the next token is drawn from max(0, p - q))."""
+    (..., V); propose(h, token, choose) -> K proposals (n, K) after the model's next `token`, and their
+    log-probabilities (n, K, V), where `choose` turns logits into (tokens, log-probabilities); a proposer may
+    offer update(kept) and reorder(index). `state` must offer reorder and reject(keep) (see DecodeState).
+    Each round feeds every row its main token and the K proposals in one pass; each row keeps the longest run of
+    proposals the model agrees with (rows keep different numbers), plus the model's own next token. Greedy
+    (sampling=None) gives exactly greedy()'s output; with sampling (temperature, top_k, top_p) every kept token
+    follows the model's filtered distribution (a proposal x is kept with probability min(1, p(x) / q(x)), else
+    the next token is drawn from max(0, p - q))."""
     B, device = prefix.size(0), prefix.device
     limits = _as_lengths(max_len, B, device).tolist()
     banned = list(banned)
@@ -521,14 +473,18 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
             return lprobs.argmax(dim=-1)
         return torch.multinomial(lprobs.exp(), 1, generator=generator).squeeze(1)
 
-    def propose(h: Tensor) -> tuple[Tensor, Tensor]:
-        """From hidden states (n, C): the heads' proposals (n, K) and their distributions (n, K, V)."""
-        q = distribution(draft(h))
-        return pick(q.flatten(0, 1)).view(q.shape[:2]), q
+    def choose(logits: Tensor) -> tuple[Tensor, Tensor]:  # (..., V) -> tokens (...), log-probabilities (..., V)
+        lprobs = distribution(logits)
+        return pick(lprobs.reshape(-1, lprobs.size(-1))).view(lprobs.shape[:-1]), lprobs
+
+    def drop(index: Tensor, keep: list[int]) -> None:
+        state.reorder(index, sentences=keep)
+        if hasattr(propose, "reorder"):
+            propose.reorder(index)
 
     h = feed(prefix, state)[:, -1]
     token = pick(distribution(main(h)))
-    proposals, q = propose(h)
+    proposals, q = propose(h, token, choose)
     alive = list(range(B))  # original index of each row
     out: list[list[int]] = [[] for _ in range(B)]
     while True:
@@ -542,7 +498,7 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
             if not live:
                 break
             index = torch.tensor(live, device=device)
-            state.reorder(index, sentences=live)
+            drop(index, live)
             alive, token, proposals, q = [alive[i] for i in live], token[index], proposals[index], q[index]
         K = proposals.size(1)
         h = feed(torch.cat([token[:, None], proposals], dim=1), state)  # (n, K + 1, C)
@@ -559,8 +515,9 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
         agree = agree & ~after_eos & (torch.arange(K, device=device) < room[:, None])
         n = agree.long().cumprod(dim=1).sum(dim=1)  # (n,)
         stats.proposed += K * len(alive)
-        keep = torch.arange(K + 1, device=device) <= n[:, None]
-        state.reject(keep)
+        state.reject(torch.arange(K + 1, device=device) <= n[:, None])
+        if hasattr(propose, "update"):
+            propose.update(n)
         for row, kept, count in zip(alive, proposals.tolist(), n.tolist()):
             out[row].extend(kept[:count])
             stats.accepted += count
@@ -577,14 +534,14 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
                 p_next = torch.where(usable[:, None], (residual / residual.sum(dim=-1, keepdim=True).clamp(min=1e-30)).log(),
                                      p_next)
         token = pick(p_next)
-        proposals, q = propose(h_next)
         if ended:  # finished by an accepted EOS or at the limit: their next token is not taken
             keep_rows = [i for i in range(len(alive)) if i not in set(ended)]
             if not keep_rows:
                 break
             index = torch.tensor(keep_rows, device=device)
-            state.reorder(index, sentences=keep_rows)
-            alive, token, proposals, q = [alive[i] for i in keep_rows], token[index], proposals[index], q[index]
+            drop(index, keep_rows)
+            alive, token, h_next = [alive[i] for i in keep_rows], token[index], h_next[index]
+        proposals, q = propose(h_next, token, choose)
     for tokens in out:
         if tokens and tokens[-1] == eos:
             tokens.pop()

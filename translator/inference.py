@@ -10,8 +10,8 @@ from torch import nn
 
 from .config import DecodeConfig
 from .cuda_graphs import GraphedStep, StaticDecodeState
-from .decoding import (EnsembleState, ForcedState, Hypothesis, SpeculationStats, beam_search, ensemble,
-                       forced_prefix, greedy, max_lengths, sample, self_speculative, speculative)
+from .decoding import (DraftModel, EnsembleState, ForcedState, Hypothesis, SpeculationStats, beam_search, ensemble,
+                       forced_prefix, greedy, heads, max_lengths, sample, self_speculative)
 from .model import DecoderOnly, EncoderDecoder
 
 
@@ -170,7 +170,7 @@ def self_speculative_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[
     for batch in batches_by_length([len(s) + 1 for s in sources], options.batch_tokens):
         state, prefix, limit = prepare(model, [sources[i] for i in batch], options)
         state.position_cap = cfg.max_positions - 1
-        outputs, counts = self_speculative(model.hidden, model.logits, lambda h: torch.stack(model.draft_logits(h), -2),
+        outputs, counts = self_speculative(model.hidden, model.logits, heads(lambda h: torch.stack(model.draft_logits(h), -2)),
                                            state, prefix, limit, cfg.eos_id, banned=(cfg.pad_id, cfg.bos_id),
                                            sampling=sampling, generator=generator)
         for row, i in enumerate(batch):
@@ -184,7 +184,7 @@ def self_speculative_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[
 def speculative_ids(model: EncoderDecoder | DecoderOnly, draft: EncoderDecoder | DecoderOnly,
                     sources: Sequence[Sequence[int]], options: DecodeConfig, k: int = 4, sampling: dict | None = None,
                     generator: torch.Generator | None = None) -> tuple[list[list[int]], float]:
-    """Translate one sentence at a time with speculative decoding: `draft`, a smaller model of the same
+    """Translate with speculative decoding, in batches of similar length: `draft`, a smaller model of the same
     architecture and vocabulary, proposes k tokens and `model` checks them in one pass. Greedy (sampling=None)
     gives exactly `model`'s greedy output. Returns the outputs in input order and the acceptance rate."""
     cfg = model.cfg
@@ -193,25 +193,30 @@ def speculative_ids(model: EncoderDecoder | DecoderOnly, draft: EncoderDecoder |
                          f"translation model ({cfg.arch}, vocabulary {cfg.vocab_size})")
     prepare = _encoder_decoder_batch if cfg.arch == "encoder_decoder" else _decoder_only_batch
     limit = min(source_limit(model), source_limit(draft))
-    outputs, proposed, accepted = [], 0, 0
-    for source in sources:
-        source = list(source)[:limit]
-        state, prefix, max_len = prepare(model, [source], options)
-        draft_state, _, draft_max_len = prepare(draft, [source], options)
-        result = speculative(model.decode_incremental, state, draft.decode_incremental, draft_state, prefix,
-                             int(min(max_len[0], draft_max_len[0])), cfg.eos_id, k=k, banned=(cfg.pad_id, cfg.bos_id),
-                             sampling=sampling, generator=generator)
-        outputs.append(result.tokens)
-        proposed, accepted = proposed + result.proposed, accepted + result.accepted
-    return outputs, accepted / max(proposed, 1)
+    sources = [list(s)[:limit] for s in sources]
+    results: list[list[int]] = [[] for _ in sources]
+    proposed = accepted = 0
+    for batch in batches_by_length([len(s) + 1 for s in sources], options.batch_tokens):
+        state, prefix, max_len = prepare(model, [sources[i] for i in batch], options)
+        draft_state, _, draft_max_len = prepare(draft, [sources[i] for i in batch], options)
+        state.position_cap, draft_state.position_cap = cfg.max_positions - 1, draft.cfg.max_positions - 1
+        proposer = DraftModel(draft.hidden, draft.logits, draft_state, prefix, k)
+        outputs, stats = self_speculative(model.hidden, model.logits, proposer, state, prefix,
+                                          torch.minimum(max_len, draft_max_len), cfg.eos_id,
+                                          banned=(cfg.pad_id, cfg.bos_id), sampling=sampling, generator=generator)
+        for row, i in enumerate(batch):
+            results[i] = outputs[row]
+        proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+    return results, accepted / max(proposed, 1)
 
 
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
 def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: str = "sample",
                  sampling: dict | None = None, generator: torch.Generator | None = None,
-                 batch_tokens: int = 8192) -> list[list[int]]:
+                 batch_tokens: int = 8192, speculate_heads: bool = False) -> list[list[int]]:
     """Continue each prompt (token ids) with a language model, up to max_new_tokens or EOS, in batches of
-    similar length. Prompts start after an EOS, as every line does in the packed training stream."""
+    similar length. Prompts start after an EOS, as every line does in the packed training stream. With
+    speculate_heads, the model's draft heads propose and the model verifies (greedy: the same output)."""
     cfg, device = model.cfg, next(model.parameters()).device
     keep = cfg.max_positions - 2  # room for the leading EOS and at least one new token
     prompts = [list(p)[-keep:] for p in prompts]
@@ -222,7 +227,15 @@ def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_t
                               dtype=torch.long, device=device)
         limit = min(max_new_tokens, cfg.max_positions - width)
         banned = (cfg.pad_id, cfg.bos_id)
-        if mode == "greedy":
+        if speculate_heads:
+            if not cfg.draft_heads:
+                raise ValueError("the model has no draft heads (model.draft_heads is 0)")
+            state = model.start(tokens)
+            state.position_cap = cfg.max_positions - 1
+            out, _ = self_speculative(model.hidden, model.logits, heads(lambda h: torch.stack(model.draft_logits(h), -2)),
+                                      state, tokens, limit, cfg.eos_id, banned=banned,
+                                      sampling=None if mode == "greedy" else (sampling or {}), generator=generator)
+        elif mode == "greedy":
             out = greedy(model.step, model.start(tokens), tokens, limit, cfg.eos_id, banned=banned)
         else:
             out = sample(model.step, model.start(tokens), tokens, limit, cfg.eos_id, banned=banned, generator=generator,

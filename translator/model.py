@@ -361,7 +361,9 @@ class DecodeState:
 
     def reject(self, keep: Tensor) -> None:
         """Of the last keep.size(1) positions fed, hide those where keep (N, T) is False, row by row."""
-        fed = self.rejected if self.rejected is not None else keep.new_zeros(keep.size(0), self.length - keep.size(1))
+        before = self.length - keep.size(1)
+        fed = keep.new_zeros(keep.size(0), before) if self.rejected is None else \
+            torch.nn.functional.pad(self.rejected, (0, before - self.rejected.size(1)), value=False)
         self.rejected = torch.cat([fed, ~keep], dim=1)
         self.fewest_rejected = int(self.rejected.sum(dim=1).min())
 
@@ -403,8 +405,9 @@ class DecodeState:
         mask = (key <= (query[-1:, None] if bidirectional else query[:, None]))[None, None]
         if self.pad_len is not None:
             mask = mask & (key >= self.pad_len[:new.size(0), None])[:, None, None, :]
-        if self.rejected is not None:  # the new positions are not rejected (yet)
-            accepted = torch.nn.functional.pad(~self.rejected[:new.size(0)], (0, new.size(1)), value=True)
+        if self.rejected is not None:  # positions fed after the last reject are not rejected (yet)
+            accepted = torch.nn.functional.pad(~self.rejected[:new.size(0)], (0, key.numel() - self.rejected.size(1)),
+                                               value=True)
             mask = mask & accepted[:, None, None, :]
         return mask
 

@@ -1,0 +1,116 @@
+"""Self-speculative decoding with draft heads against plain greedy, on Multi30k test2016.
+
+    python benchmarks/speculative.py --model runs/bench_multi30k_en_de --data-dir ../shared/data
+
+Trains K draft heads onto the run with its weights frozen (`translator train --init-from RUN
+--model.draft_heads=K --train.freeze=base`, into RUN_heads<K> unless it exists), then decodes the same sentences
+with plain greedy and with `--speculate heads`, one sentence at a time (latency) and in 4096-token batches
+(throughput), taking turns within each repeat. Counts lines that differ from plain greedy (must be 0), mean
+tokens per verification pass, acceptance, and BLEU. With --draft RUN, also the draft-model path (one sentence
+at a time). Results in benchmarks/results/speculative_<device>.json; speedup_batch1 and speedup_batched are
+heads over plain greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_result  # noqa: E402
+
+from translator.checkpoint import load_model  # noqa: E402
+from translator.config import DecodeConfig  # noqa: E402
+from translator.data import load_corpus  # noqa: E402
+from translator.inference import self_speculative_ids, speculative_ids, translate_ids  # noqa: E402
+
+
+def train_heads(run: str, out: Path, heads: int, steps: int, data_dir: str, device: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "translator.cli", "train", "--config", str(Path(run) / "config.yaml"),
+                    "--init-from", run, "--out", str(out), "--data-dir", data_dir, "--device", device,
+                    f"--model.draft_heads={heads}", "--train.freeze=base", f"--train.max_steps={steps}",
+                    "--train.warmup=100", f"--train.cooldown={steps // 3}", f"--train.val_every={steps}",
+                    f"--train.save_every={steps}", "--no-progress"], check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="runs/bench_multi30k_en_de", help="a trained run directory")
+    parser.add_argument("--heads-run", help="a run with draft heads (default: train them onto --model)")
+    parser.add_argument("--heads", type=int, default=3)
+    parser.add_argument("--head-steps", type=int, default=600, help="training steps for the heads")
+    parser.add_argument("--draft", help="also a separate draft model (run directory) on the same tokenizer")
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    metrics: dict = {}
+    heads_run = args.heads_run
+    if heads_run is None:
+        heads_run = f"{args.model.rstrip('/')}_heads{args.heads}"
+        if not (Path(heads_run) / "model.safetensors").is_file():
+            metrics["head_training_seconds"] = round(
+                train_heads(args.model, Path(heads_run), args.heads, args.head_steps, args.data_dir, args.device), 1)
+    model, tokenizer, recipe = load_model(heads_run, args.device)
+    corpus = load_corpus(recipe.data.test, recipe.data.src_lang, recipe.data.tgt_lang, args.data_dir)
+    lines, refs = corpus.src[:args.sentences], corpus.tgt[:args.sentences]
+    sources = tokenizer.encode(lines)
+    metrics.update({"sentences": len(lines), "draft_heads": model.cfg.draft_heads, "heads_run": heads_run,
+                    "threads": torch.get_num_threads()})
+
+    settings = {"batch1": DecodeConfig(beam=1, batch_tokens=1), "batched": DecodeConfig(beam=1, batch_tokens=4096)}
+    systems = {
+        "greedy": lambda options: ([o[0] for o in translate_ids(model, sources, options, mode="greedy")], None),
+        "heads": lambda options: self_speculative_ids(model, sources, options),
+    }
+    best: dict = {}
+    outputs: dict = {}
+    for _ in range(args.repeats):  # turns within each repeat: a slow spell of the machine falls on both alike
+        for setting, options in settings.items():
+            for name, run in systems.items():
+                start = time.perf_counter()
+                out, stats = run(options)
+                seconds = time.perf_counter() - start
+                best[name, setting] = min(seconds, best.get((name, setting), float("inf")))
+                outputs[name, setting] = out
+                if stats is not None:
+                    metrics[f"tokens_per_pass_{setting}"] = round(stats.tokens_per_pass, 3)
+                    metrics[f"acceptance_{setting}"] = round(stats.accepted / max(stats.proposed, 1), 3)
+                print(f"{setting:8s} {name:7s} {seconds:7.2f}s  {len(lines) / seconds:7.1f} sent/s", flush=True)
+    if args.draft:
+        draft = load_model(args.draft, args.device)[0]
+        start = time.perf_counter()
+        out, rate = speculative_ids(model, draft, sources, DecodeConfig(beam=1), k=4)
+        best["draft_model", "batch1"] = time.perf_counter() - start
+        outputs["draft_model", "batch1"] = out
+        metrics["draft_model_acceptance"] = round(rate, 3)
+
+    import sacrebleu
+
+    bleu = sacrebleu.BLEU()
+    for (name, setting), seconds in best.items():
+        metrics[f"{name}_{setting}_seconds"] = round(seconds, 3)
+        metrics[f"{name}_{setting}_sentences_per_second"] = round(len(lines) / seconds, 1)
+        out = outputs[name, setting]
+        metrics[f"{name}_{setting}_lines_differing_from_greedy"] = sum(
+            a != b for a, b in zip(out, outputs["greedy", setting if ("greedy", setting) in outputs else "batch1"]))
+        metrics[f"{name}_{setting}_bleu"] = round(bleu.corpus_score(tokenizer.decode(out), [refs]).score, 2)
+    metrics["bleu_signature"] = bleu.get_signature().format()
+    metrics["speedup_batch1"] = round(best["greedy", "batch1"] / best["heads", "batch1"], 2)
+    metrics["speedup_batched"] = round(best["greedy", "batched"] / best["heads", "batched"], 2)
+    save_result(f"speculative_{args.device}", metrics, args.device, model=args.model,
+                notes="greedy and heads decode the same sentences in turn within each repeat; the fastest repeat "
+                      "counts; the main head's weights are the model's own (heads trained with the base frozen)")
+
+
+if __name__ == "__main__":
+    main()
