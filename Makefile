@@ -74,7 +74,7 @@ plot: $(STAMP)
 BENCH_DEVICE ?= cpu
 BENCH_SUFFIX := $(if $(filter cuda,$(BENCH_DEVICE)),_cuda,)
 BENCH_GPU_FLAGS := $(if $(filter cuda,$(BENCH_DEVICE)),--set train.precision=bf16-mixed,)
-.PHONY: bench-multi30k bench-multi30k-de-en bench-decode bench-decode-ops bench-train bench-decoder-only bench-serve
+.PHONY: bench-multi30k bench-multi30k-de-en bench-decode bench-decode-ops bench-train bench-decoder-only bench-serve bench-speculative
 bench-multi30k: $(STAMP)
 	rm -rf runs/bench_multi30k_en_de$(BENCH_SUFFIX)
 	$(PYTHON) benchmarks/multi30k.py --recipe recipes/multi30k/en_de.yaml --data-dir $(DATA) --device $(BENCH_DEVICE) $(BENCH_GPU_FLAGS)
@@ -93,6 +93,10 @@ bench-decode: $(STAMP)
 # Load test of translator serve (1, 8, 32 clients; with and without dynamic batching) beside CTranslate2.
 bench-serve: $(STAMP)
 	$(PYTHON) benchmarks/serve.py --model $(BENCH_MODEL) --data-dir $(DATA)
+
+# Self-speculative decoding: draft heads trained onto the run (its weights frozen), then greedy vs heads.
+bench-speculative: $(STAMP)
+	$(PYTHON) benchmarks/speculative.py --model $(BENCH_MODEL) --data-dir $(DATA) --device $(BENCH_DEVICE)
 
 # Device operations per decoding step (what bounds small-model decoding on a GPU), counted on CPU.
 bench-decode-ops: $(STAMP)

@@ -90,10 +90,10 @@ def test_nbest_and_sampling(toy_model_dir, tmp_path, capsys):
 
 
 def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys, monkeypatch):
-    import translator.cli
+    import translator.decode_commands
 
     translated = []  # a bad byte on line 2 is found before line 1 (its own chunk) is translated
-    monkeypatch.setattr(translator.cli, "translate_lines", lambda model, tokenizer, lines, *a: translated.append(lines))
+    monkeypatch.setattr(translator.decode_commands, "translate_lines", lambda model, tokenizer, lines, *a: translated.append(lines))
     run_dir, _ = toy_model_dir
     bad = tmp_path / "bad.en"
     bad.write_bytes(b"the dog\nthe \xfe cat\n")

@@ -8,7 +8,7 @@ from translator import ModelConfig, build_model
 from translator.checkpoint import load_model
 from translator.cli import main
 from translator.config import DecodeConfig, load_recipe
-from translator.decoding import DraftModel, _filter_logits, greedy, sample, self_speculative
+from translator.decoding import greedy, sample
 from translator.inference import speculative_ids, translate_ids
 from translator.training import fit
 
@@ -55,43 +55,6 @@ def test_a_draft_equal_to_the_target_is_always_accepted():
     sources = torch.randint(4, 30, (3, 5)).tolist()
     outputs, rate = speculative_ids(target, target, sources, DecodeConfig(beam=1, max_len_b=15), k=4)
     assert rate == 1.0 and all(outputs)
-
-
-def test_speculative_sampling_preserves_the_target_distribution():
-    # Scripted one-step models over 6 tokens: every sampled token must follow p (filtered), whatever q is.
-    p = torch.tensor([0.0, 0.0, 0.05, 0.45, 0.2, 0.3])
-    q = torch.tensor([0.0, 0.0, 0.3, 0.1, 0.5, 0.1])
-
-    class State:
-        def reorder(self, index, group=1, sentences=None):
-            pass
-
-        def reject(self, keep):
-            pass
-
-    def feed(new, state):
-        return torch.zeros(new.size(0), new.size(1), 1)
-
-    def scores(probs):
-        return lambda h: probs.log().expand(*h.shape[:-1], 6)
-
-    def run(n, k, sampling, seed):
-        prefix = torch.full((n, 1), BOS)
-        proposer = DraftModel(feed, scores(q), State(), prefix, k)
-        return self_speculative(feed, scores(p), proposer, State(), prefix, 3, EOS, banned=(PAD, BOS),
-                                sampling=sampling, generator=torch.Generator().manual_seed(seed))[0]
-
-    out = run(4000, 1, {"temperature": 1.0}, 0)
-    for position in range(3):  # the first token is the model's own; the later ones pass the acceptance rule
-        alive = [o for o in out if len(o) >= position]  # rows that had not ended (an ended row's token is EOS)
-        counts = torch.bincount(torch.tensor([o[position] if len(o) > position else EOS for o in alive]), minlength=6)
-        assert (counts / counts.sum() - p).abs().sum() / 2 < 0.03, position  # total variation distance
-    # With filtering, the target's *filtered* distribution is what comes out.
-    filtered = _filter_logits(p.log()[None], 1.0, 2, 1.0).softmax(-1)[0]
-    out = run(2000, 2, {"top_k": 2}, 1)
-    counts = torch.bincount(torch.tensor([t for o in out for t in o]), minlength=6).float()
-    assert set(counts.nonzero().flatten().tolist()) == {3, 5}
-    assert ((counts / counts.sum()) - filtered).abs().sum() / 2 < 0.04
 
 
 def test_top_k_one_sampling_equals_greedy_and_seeds_repeat():

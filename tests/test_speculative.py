@@ -6,7 +6,7 @@ import torch
 
 from translator import ModelConfig, build_model, count_parameters
 from translator.config import DecodeConfig
-from translator.decoding import greedy, heads, self_speculative
+from translator.decoding import DraftModel, _filter_logits, greedy, heads, self_speculative
 from translator.inference import self_speculative_ids, translate_ids
 
 PAD, BOS, EOS, WRONG, V = 0, 1, 2, 3, 12
@@ -107,12 +107,12 @@ def test_speculative_greedy_equals_greedy_with_rows_accepting_different_counts(m
     assert limited == greedy(model.step, Rows(), prefix, 5, EOS, banned=(PAD, BOS))  # the output limit binds
 
 
-def test_speculative_sampling_follows_the_target_distribution():
-    # The model's next-token distribution p is fixed; the heads propose from q. Every sampled token, the main
-    # one and the accepted proposals alike, must follow p.
-    p = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.45, 0.2, 0.3])
-    q = torch.tensor([0.0, 0.0, 0.0, 0.3, 0.1, 0.5, 0.1])
-    n, k = 3000, 2
+@pytest.mark.parametrize("proposer", ["heads", "draft_model"])
+def test_speculative_sampling_follows_the_target_distribution(proposer):
+    # The model's next-token distribution p is fixed; the proposals come from q. Every sampled token, the main
+    # one and the accepted proposals alike, must follow p, and with filtering, p filtered.
+    p = torch.tensor([0.0, 0.0, 0.05, 0.45, 0.2, 0.3])  # EOS (2) ends some rows early
+    q = torch.tensor([0.0, 0.0, 0.3, 0.1, 0.5, 0.1])
 
     class State:
         def reorder(self, index, group=1, sentences=None):
@@ -124,19 +124,26 @@ def test_speculative_sampling_follows_the_target_distribution():
     def feed(new, state):
         return torch.zeros(new.size(0), new.size(1), 1)
 
-    def main(h):
-        return p.log().expand(*h.shape[:-1], 7)
+    def scores(probs, k=None):
+        return lambda h: probs.log().expand(*h.shape[:-1], *([k] if k else []), 6)
 
-    def draft(h):
-        return q.log().expand(*h.shape[:-1], k, 7)
+    def run(n, k, sampling, seed):
+        prefix = torch.full((n, 1), BOS)
+        propose = heads(scores(q, k)) if proposer == "heads" else DraftModel(feed, scores(q), State(), prefix, k)
+        return self_speculative(feed, scores(p), propose, State(), prefix, 3, EOS, banned=(PAD, BOS),
+                                sampling=sampling, generator=torch.Generator().manual_seed(seed))
 
-    g = torch.Generator().manual_seed(0)
-    out, stats = self_speculative(feed, main, heads(draft), State(), torch.full((n, 1), BOS), 3, EOS, banned=(PAD, BOS),
-                                  sampling={"temperature": 1.0}, generator=g)
+    out, stats = run(4000, 2, {"temperature": 1.0}, 0)
     assert 0 < stats.accepted < stats.proposed
-    for position in range(3):
-        counts = torch.bincount(torch.tensor([o[position] for o in out]), minlength=7).float()
+    for position in range(3):  # the first token is the model's own; the later ones pass the acceptance rule
+        alive = [o for o in out if len(o) >= position]  # rows that had not ended (an ended row's token is EOS)
+        counts = torch.bincount(torch.tensor([o[position] if len(o) > position else EOS for o in alive]), minlength=6)
         assert (counts / counts.sum() - p).abs().sum() / 2 < 0.03, position  # total variation distance
+    filtered = _filter_logits(p.log()[None], 1.0, 2, 1.0).softmax(-1)[0]
+    out, _ = run(2000, 2, {"top_k": 2}, 1)  # (q's top two are not p's: nothing is accepted)
+    counts = torch.bincount(torch.tensor([t for o in out for t in o]), minlength=6).float()
+    assert set(counts.nonzero().flatten().tolist()) == {3, 5}
+    assert ((counts / counts.sum()) - filtered).abs().sum() / 2 < 0.04
 
 
 def tiny_with_heads(arch, heads=3):
@@ -159,7 +166,7 @@ def test_no_heads_is_the_papers_model_exactly(arch):
     assert not any(k.startswith("draft_heads") for k in plain.state_dict())
     # New heads start as the main head (their residual branch is zero).
     h = torch.randn(2, 5, 32)
-    assert all(torch.equal(logits, with_heads.logits(h)) for logits in with_heads.draft_logits(h))
+    assert all(torch.allclose(logits, with_heads.logits(h), atol=1e-6) for logits in with_heads.draft_logits(h).unbind(-2))
 
 
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])

@@ -462,10 +462,11 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
     def distribution(logits: Tensor) -> Tensor:  # (..., V) -> log-probabilities, banned tokens excluded
         logits = logits.float().clone()
         logits[..., banned] = -torch.inf
-        if sampling is not None:
-            shape = logits.shape
-            logits = _filter_logits(logits.reshape(-1, shape[-1]), sampling.get("temperature", 1.0),
-                                    sampling.get("top_k", 0), sampling.get("top_p", 1.0)).view(shape)
+        if sampling is None:
+            return logits  # greedy reads only the argmax: normalising would not change it
+        shape = logits.shape
+        logits = _filter_logits(logits.reshape(-1, shape[-1]), sampling.get("temperature", 1.0),
+                                sampling.get("top_k", 0), sampling.get("top_p", 1.0)).view(shape)
         return torch.log_softmax(logits, dim=-1)
 
     def pick(lprobs: Tensor) -> Tensor:  # (n, V) -> (n,)

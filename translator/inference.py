@@ -170,7 +170,7 @@ def self_speculative_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[
     for batch in batches_by_length([len(s) + 1 for s in sources], options.batch_tokens):
         state, prefix, limit = prepare(model, [sources[i] for i in batch], options)
         state.position_cap = cfg.max_positions - 1
-        outputs, counts = self_speculative(model.hidden, model.logits, heads(lambda h: torch.stack(model.draft_logits(h), -2)),
+        outputs, counts = self_speculative(model.hidden, model.logits, heads(model.draft_logits),
                                            state, prefix, limit, cfg.eos_id, banned=(cfg.pad_id, cfg.bos_id),
                                            sampling=sampling, generator=generator)
         for row, i in enumerate(batch):
@@ -232,7 +232,7 @@ def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_t
                 raise ValueError("the model has no draft heads (model.draft_heads is 0)")
             state = model.start(tokens)
             state.position_cap = cfg.max_positions - 1
-            out, _ = self_speculative(model.hidden, model.logits, heads(lambda h: torch.stack(model.draft_logits(h), -2)),
+            out, _ = self_speculative(model.hidden, model.logits, heads(model.draft_logits),
                                       state, tokens, limit, cfg.eos_id, banned=banned,
                                       sampling=None if mode == "greedy" else (sampling or {}), generator=generator)
         elif mode == "greedy":

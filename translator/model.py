@@ -449,10 +449,11 @@ class _Seq2SeqBase(nn.Module):
         for head in self.draft_heads:
             nn.init.zeros_(head.proj.weight)
 
-    def draft_logits(self, h: Tensor) -> list[Tensor]:
-        """The draft heads' logits for hidden states h (..., C): head k's (k = 1..K) predict the token k positions
-        after the main head's."""
-        return [self.logits(head(h)) for head in self.draft_heads]
+    def draft_logits(self, h: Tensor) -> Tensor:
+        """The draft heads' logits for hidden states h (..., C), (..., K, V): head k's (k = 1..K) predict the token
+        k positions after the main head's. One output projection for all heads: in small batches its cost is
+        reading the (V, C) matrix, once rather than K times."""
+        return self.logits(torch.stack([head(h) for head in self.draft_heads], dim=-2))
 
     @property
     def output_weight(self) -> Tensor:  # (V, C): the target embedding when tied (Section 3.4)

@@ -134,6 +134,8 @@ class TranslationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         cfg, t = self.recipe.model, self.recipe.train
+        if t.freeze == "base":  # the heads learn from the features they will read when decoding: no dropout
+            self.model.eval()
         h = self(batch)
         loss_sum, nll_sum = label_smoothed_loss(self.model.logits(h), batch["tgt_out"], t.label_smoothing, cfg.pad_id)
         if cfg.draft_heads:  # multi-token prediction: head k at position i learns target i + k
