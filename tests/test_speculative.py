@@ -206,3 +206,19 @@ def test_heads_trained_onto_a_frozen_model_speed_it_up_and_change_nothing_else(t
     alone, _ = self_speculative_ids(model, sources, DecodeConfig(beam=1, batch_tokens=1))
     assert batched == expected and alone == expected
     assert stats.tokens_per_pass > 1.5, stats  # the heads learned to propose what the model says
+
+
+def test_generate_with_heads_equals_greedy_generation():
+    from translator.inference import generate_ids
+
+    torch.manual_seed(2)
+    model = tiny_with_heads("decoder_only")
+    model.cfg.prefix_lm = False  # a plain language model
+    for i, head in enumerate(model.draft_heads):
+        torch.nn.init.normal_(head.proj.weight, std=0.02 * (i + 1))
+    with torch.no_grad():
+        model.tgt_embed.token.weight[EOS] = 0.0
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+    expected = generate_ids(model, prompts, 12, mode="greedy")
+    assert generate_ids(model, prompts, 12, mode="greedy", speculate_heads=True) == expected
+    assert all(len(c) > 0 for c in expected)

@@ -107,3 +107,14 @@ def test_int8_translates_nearly_as_float32(toy_model_dir, toy_source, tmp_path, 
     assert code == 0, err
     f32, int8 = lines_of(tmp_path / "f32.de"), lines_of(tmp_path / "int8.de")
     assert len(int8) == len(f32) and sum(a == b for a, b in zip(f32, int8)) >= 0.9 * len(f32)
+
+
+def test_speculate_heads_translates_as_greedy(toy_heads_dir, toy_source, tmp_path, capsys):
+    assert run(["translate", "--model", toy_heads_dir, "-i", toy_source, "-o", tmp_path / "greedy.de", "--beam", 1],
+               capsys)[0] == 0
+    code, _, err = run(["translate", "--model", toy_heads_dir, "-i", toy_source, "-o", tmp_path / "fast.de",
+                        "--beam", 1, "--speculate", "heads"], capsys)
+    assert code == 0, err
+    assert lines_of(tmp_path / "fast.de") == lines_of(tmp_path / "greedy.de")
+    code, _, err = run(["translate", "--model", toy_heads_dir, "-i", toy_source, "--speculate", "heads"], capsys)
+    assert code == 1 and "pass --beam 1 or --sample" in err
