@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--name", help="result name (default: speculative_<device>)")
     args = parser.parse_args()
 
     metrics: dict = {}
@@ -107,7 +108,7 @@ def main() -> None:
     metrics["bleu_signature"] = bleu.get_signature().format()
     metrics["speedup_batch1"] = round(best["greedy", "batch1"] / best["heads", "batch1"], 2)
     metrics["speedup_batched"] = round(best["greedy", "batched"] / best["heads", "batched"], 2)
-    save_result(f"speculative_{args.device}", metrics, args.device, model=args.model,
+    save_result(args.name or f"speculative_{args.device}", metrics, args.device, model=args.model,
                 notes="greedy and heads decode the same sentences in turn within each repeat; the fastest repeat "
                       "counts; the main head's weights are the model's own (heads trained with the base frozen)")
 
