@@ -156,7 +156,7 @@ def test_hostile_requests_change_no_later_reply(served):
     lines = served.sentences[60:70] + ["a\x00b the dog", "the dog\nruns"]
     status, before = served.translate({"text": lines})
     assert status == 200 and len(before["translations"]) == len(lines)  # NUL bytes and line breaks are text
-    for what, body, headers, _ in HOSTILE:
+    for _what, body, headers, _ in HOSTILE:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         served.request("POST", "/translate", raw, headers)
     for garbage in (b"GARBAGE\r\n\r\n", b"POST /translate HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"\x00" * 100):

@@ -94,9 +94,9 @@ def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "be
                     speculate_heads: bool = False) -> Translations:
     """Translate raw lines: empty or whitespace-only lines give empty output without touching the model (with a
     target prefix: the prefix); sources longer than the model's positions are truncated. With a `draft` model,
-    or speculate_heads (the model's own draft heads): speculative greedy decoding or sampling. `prefixes`: per line, text the translation must start with ('':
-    none). `alignment_layer`: also link words, from that decoder layer's cross-attention (of the first model
-    of an ensemble)."""
+    or speculate_heads (the model's own draft heads): speculative greedy decoding or sampling. `prefixes`: per
+    line, text the translation must start with ('': none). `alignment_layer`: also link words, from that
+    decoder layer's cross-attention (of the first model of an ensemble)."""
     from .inference import Ensemble, self_speculative_ids, source_limit, speculative_ids, translate_hypotheses
 
     limit = source_limit(model)
