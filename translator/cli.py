@@ -229,6 +229,14 @@ def _add_sampling(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_models(p: argparse.ArgumentParser) -> None:
+    """--model (repeatable: an ensemble) and --int8, as translate and serve load models."""
+    p.add_argument("--model", required=True, action="append",
+                   help="run directory, or a .safetensors/.ckpt file inside one; given several times, an ensemble "
+                        "(the models' log-probabilities averaged at every step; one sentencepiece model)")
+    p.add_argument("--int8", action="store_true", help="CPU: linear layers in int8 (PyTorch dynamic quantization)")
+
+
 def _add_decoding(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding (defaults: the run's recipe, decode section)")
     g.add_argument("--beam", type=int, help="beam size; 1 is greedy (paper: 4)")
@@ -297,9 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("translate", "translate a file (or stdin) line by line",
                 "Translate one sentence per line. Writes exactly one line per input line, in input order\n"
                 "(empty in, empty out), or with --nbest K > 1 the Moses n-best format 'i ||| text ||| rank'.")
-    p.add_argument("--model", required=True, action="append",
-                   help="run directory, or a .safetensors/.ckpt file inside one; given several times, an ensemble "
-                        "(the models' log-probabilities averaged at every step; one sentencepiece model)")
+    _add_models(p)
     p.add_argument("-i", "--input", help="input file (default: stdin)")
     p.add_argument("-o", "--output", help="output file, written when complete (default: stdout)")
     p.add_argument("--nbest", type=int, default=1, help="hypotheses per sentence (at most --beam)")
@@ -310,7 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alignment-layer", type=int, default=-2,
                    help="the decoder layer whose cross-attention (heads averaged) gives the links (default: the "
                         "penultimate; negative counts from the last)")
-    p.add_argument("--int8", action="store_true", help="CPU: linear layers in int8 (PyTorch dynamic quantization)")
     p.add_argument("--chunk-lines", type=int, default=10000, help="lines read, translated and written at a time")
     _add_decoding(p)
     g = p.add_argument_group("sampling (instead of beam search)")
@@ -327,8 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", "serve a model over HTTP, with a page to try it",
                 "An HTTP JSON API (POST /translate, GET /health, GET /info) and a page at /. Requests arriving "
                 "together are translated in one batch; each reply equals translate's for that sentence.")
-    p.add_argument("--model", required=True, action="append",
-                   help="run directory, or a .safetensors/.ckpt file inside one; several: an ensemble")
+    _add_models(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch-tokens", type=int, default=4096,
@@ -341,7 +345,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chars", type=int, default=2000, help="characters per sentence")
     p.add_argument("--max-beam", type=int, default=16, help="the largest beam (and n-best) a request may ask")
     p.add_argument("--alignment-layer", type=int, default=-2, help="decoder layer for alignments (default: penultimate)")
-    p.add_argument("--int8", action="store_true", help="CPU: linear layers in int8 (PyTorch dynamic quantization)")
     _add_decoding(p)
     p.set_defaults(func=cmd_serve)
 

@@ -399,6 +399,10 @@ class SpeculationStats:
     proposed: int = 0  # draft proposals put to the model
     accepted: int = 0  # of which the model kept
 
+    def add(self, other: SpeculationStats) -> None:
+        for name in ("passes", "tokens", "proposed", "accepted"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     @property
     def tokens_per_pass(self) -> float:
         return self.tokens / max(self.passes, 1)

@@ -152,6 +152,31 @@ def translate_hypotheses(model: EncoderDecoder | DecoderOnly | Ensemble, sources
     return results
 
 
+def _speculate(model: EncoderDecoder | DecoderOnly, sources: list[list[int]], options: DecodeConfig, proposer,
+               sampling: dict | None, generator: torch.Generator | None,
+               draft: EncoderDecoder | DecoderOnly | None = None) -> tuple[list[list[int]], SpeculationStats]:
+    """self_speculative over batches of similar length; proposer(state, prefix) makes a batch's proposer, given the
+    draft's state when there is a draft model."""
+    cfg = model.cfg
+    prepare = _encoder_decoder_batch if cfg.arch == "encoder_decoder" else _decoder_only_batch
+    results: list[list[int]] = [[] for _ in sources]
+    stats = SpeculationStats()
+    for batch in batches_by_length([len(s) + 1 for s in sources], options.batch_tokens):
+        state, prefix, limit = prepare(model, [sources[i] for i in batch], options)
+        state.position_cap = cfg.max_positions - 1  # proposals past a row's limit are never kept
+        draft_state = None
+        if draft is not None:
+            draft_state, _, draft_limit = prepare(draft, [sources[i] for i in batch], options)
+            draft_state.position_cap, limit = draft.cfg.max_positions - 1, torch.minimum(limit, draft_limit)
+        outputs, counts = self_speculative(model.hidden, model.logits, proposer(draft_state, prefix), state, prefix,
+                                           limit, cfg.eos_id, banned=(cfg.pad_id, cfg.bos_id), sampling=sampling,
+                                           generator=generator)
+        for row, i in enumerate(batch):
+            results[i] = outputs[row]
+        stats.add(counts)
+    return results, stats
+
+
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
 def self_speculative_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequence[int]], options: DecodeConfig,
                          sampling: dict | None = None, generator: torch.Generator | None = None,
@@ -159,25 +184,11 @@ def self_speculative_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[
     """Translate with the model's draft heads proposing and the model verifying, in batches of similar length
     (options.batch_tokens; 1 sentence per batch when batch_tokens is 1). Greedy (sampling=None) gives exactly
     translate_ids' greedy output. Returns the outputs in input order and the speculation's counts."""
-    cfg = model.cfg
-    if not cfg.draft_heads:
+    if not model.cfg.draft_heads:
         raise ValueError("the model has no draft heads (model.draft_heads is 0): train some onto it with "
                          "translator train --init-from RUN --model.draft_heads=3 --train.freeze=base")
     sources = [list(s)[:source_limit(model)] for s in sources]
-    prepare = _encoder_decoder_batch if cfg.arch == "encoder_decoder" else _decoder_only_batch
-    results: list[list[int]] = [[] for _ in sources]
-    stats = SpeculationStats()
-    for batch in batches_by_length([len(s) + 1 for s in sources], options.batch_tokens):
-        state, prefix, limit = prepare(model, [sources[i] for i in batch], options)
-        state.position_cap = cfg.max_positions - 1
-        outputs, counts = self_speculative(model.hidden, model.logits, heads(model.draft_logits),
-                                           state, prefix, limit, cfg.eos_id, banned=(cfg.pad_id, cfg.bos_id),
-                                           sampling=sampling, generator=generator)
-        for row, i in enumerate(batch):
-            results[i] = outputs[row]
-        for name in ("passes", "tokens", "proposed", "accepted"):
-            setattr(stats, name, getattr(stats, name) + getattr(counts, name))
-    return results, stats
+    return _speculate(model, sources, options, lambda _, prefix: heads(model.draft_logits), sampling, generator)
 
 
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
@@ -191,23 +202,11 @@ def speculative_ids(model: EncoderDecoder | DecoderOnly, draft: EncoderDecoder |
     if draft.cfg.arch != cfg.arch or draft.cfg.vocab_size != cfg.vocab_size:
         raise ValueError(f"the draft model ({draft.cfg.arch}, vocabulary {draft.cfg.vocab_size}) must match the "
                          f"translation model ({cfg.arch}, vocabulary {cfg.vocab_size})")
-    prepare = _encoder_decoder_batch if cfg.arch == "encoder_decoder" else _decoder_only_batch
-    limit = min(source_limit(model), source_limit(draft))
-    sources = [list(s)[:limit] for s in sources]
-    results: list[list[int]] = [[] for _ in sources]
-    proposed = accepted = 0
-    for batch in batches_by_length([len(s) + 1 for s in sources], options.batch_tokens):
-        state, prefix, max_len = prepare(model, [sources[i] for i in batch], options)
-        draft_state, _, draft_max_len = prepare(draft, [sources[i] for i in batch], options)
-        state.position_cap, draft_state.position_cap = cfg.max_positions - 1, draft.cfg.max_positions - 1
-        proposer = DraftModel(draft.hidden, draft.logits, draft_state, prefix, k)
-        outputs, stats = self_speculative(model.hidden, model.logits, proposer, state, prefix,
-                                          torch.minimum(max_len, draft_max_len), cfg.eos_id,
-                                          banned=(cfg.pad_id, cfg.bos_id), sampling=sampling, generator=generator)
-        for row, i in enumerate(batch):
-            results[i] = outputs[row]
-        proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
-    return results, accepted / max(proposed, 1)
+    sources = [list(s)[:min(source_limit(model), source_limit(draft))] for s in sources]
+    results, stats = _speculate(model, sources, options,
+                                lambda draft_state, prefix: DraftModel(draft.hidden, draft.logits, draft_state, prefix, k),
+                                sampling, generator, draft)
+    return results, stats.accepted / max(stats.proposed, 1)
 
 
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step

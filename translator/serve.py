@@ -78,7 +78,7 @@ class Batcher:
         self.jobs.put(None)
         self.thread.join()
 
-    def _gather(self, first: Job) -> list[Job] | None:
+    def _gather(self, first: Job) -> list[Job]:
         gathered, tokens = [first], first.tokens
         deadline = time.monotonic() + self.max_wait
         while self.batching and tokens < self.batch_tokens:
