@@ -88,7 +88,7 @@ bench-multi30k-de-en: $(STAMP)
 BENCH_MODEL ?= runs/bench_multi30k_en_de
 bench-decode: $(STAMP)
 	$(PYTHON) benchmarks/decode_speed.py --model $(BENCH_MODEL) --data-dir $(DATA) --device $(BENCH_DEVICE) \
-		$(if $(filter cuda,$(BENCH_DEVICE)),--cuda-graphs,--int8)
+		$(if $(filter cuda,$(BENCH_DEVICE)),--cuda-graphs,--int8 --prepack)
 
 # Load test of translator serve (1, 8, 32 clients; with and without dynamic batching) beside CTranslate2.
 bench-serve: $(STAMP)

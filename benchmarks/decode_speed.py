@@ -1,9 +1,10 @@
 """Decoding speed side by side on the same weights and sentences: translator vs Hugging Face `generate`
 (MarianMT holding our weights) vs CTranslate2 (our `export`), greedy and beam 4, on Multi30k test2016; with
 --int8, also translator's int8 (dynamic quantization, `translate --int8`) and CTranslate2's int8, each with its
-BLEU against the references.
+BLEU against the references; with --prepack, also translator's float32 with prepacked oneDNN linear layers
+(`translate --prepack`).
 
-    python benchmarks/decode_speed.py --model runs/bench_multi30k_en_de --data-dir ../shared/data --int8
+    python benchmarks/decode_speed.py --model runs/bench_multi30k_en_de --data-dir ../shared/data --int8 --prepack
 
 Each system gets the same sentences, the same thread count, batches of similar length, the same output
 limit (src_len + 50) and the same banned tokens (pad, bos); each run is repeated and the fastest kept.
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--int8", action="store_true", help="also int8: translator's dynamic quantization and CTranslate2's")
+    parser.add_argument("--prepack", action="store_true",
+                        help="also translator's float32 with linear layers prepacked for oneDNN (CPU)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time translator with decode.cuda_graphs (on a CPU: uncaptured, slower)")
     args = parser.parse_args()
@@ -87,6 +90,11 @@ def main() -> None:
 
         int8_model = quantize_int8(load_model(args.model, args.device)[0])
         systems["translator_int8"] = lambda beam: run_ours(int8_model, sources, beam, args.batch_tokens)
+    if args.prepack:
+        from translator.quantize import prepack
+
+        prepacked_model = prepack(load_model(args.model, args.device)[0])
+        systems["translator_prepacked"] = lambda beam: run_ours(prepacked_model, sources, beam, args.batch_tokens)
     if args.cuda_graphs:
         systems["translator_cuda_graphs"] = lambda beam: run_ours(model, sources, beam, args.batch_tokens, cuda_graphs=True)
 
@@ -170,6 +178,9 @@ def main() -> None:
         if "ctranslate2" in outputs[mode]:
             # ours / CTranslate2 float32, as throughput: above 1 means faster than CTranslate2.
             metrics[f"ratio_vs_ctranslate2_{mode}"] = round(metrics[f"ctranslate2_{mode}_seconds"] / ours, 3)
+            if f"translator_prepacked_{mode}_seconds" in metrics:
+                metrics[f"prepacked_ratio_vs_ctranslate2_{mode}"] = round(
+                    metrics[f"ctranslate2_{mode}_seconds"] / metrics[f"translator_prepacked_{mode}_seconds"], 3)
     import sacrebleu
 
     bleu = sacrebleu.BLEU()
@@ -189,6 +200,10 @@ def main() -> None:
         if "ctranslate2_int8_beam4_seconds" in metrics:
             metrics["ratio_int8_vs_ctranslate2_int8_beam4"] = round(
                 metrics["ctranslate2_int8_beam4_seconds"] / metrics["translator_int8_beam4_seconds"], 3)
+    for mode in modes.values():
+        if f"translator_prepacked_{mode}_seconds" in metrics:
+            metrics[f"prepacked_speedup_{mode}"] = round(
+                metrics[f"translator_{mode}_seconds"] / metrics[f"translator_prepacked_{mode}_seconds"], 2)
     metrics["speedup_vs_hf"] = metrics.get("speedup_vs_hf_beam4")
     metrics["ratio_vs_ctranslate2"] = metrics.get("ratio_vs_ctranslate2_beam4")
     save_result(f"decode_speed_{args.device}", metrics, args.device, extra_versions=("transformers", "ctranslate2"),

@@ -3,12 +3,16 @@
     python benchmarks/speculative.py --model runs/bench_multi30k_en_de --data-dir ../shared/data
 
 Trains K draft heads onto the run with its weights frozen (`translator train --init-from RUN
---model.draft_heads=K --train.freeze=base`, into RUN_heads<K> unless it exists), then decodes the same sentences
-with plain greedy and with `--speculate heads`, one sentence at a time (latency) and in 4096-token batches
-(throughput), taking turns within each repeat. Counts lines that differ from plain greedy (must be 0), mean
-tokens per verification pass, acceptance, and BLEU. With --draft RUN, also the draft-model path (one sentence
-at a time). Results in benchmarks/results/speculative_<device>.json; speedup_batch1 and speedup_batched are
-heads over plain greedy.
+--model.draft_heads=K --train.freeze=base`, into RUN_heads<K> unless it exists). With --distill, the heads
+learn the model's own greedy translations of the training sources (`translator translate --beam 1` first, then
+`--data.train` on those files: self-distillation, into RUN_heads<K>_distilled): they are to predict what the
+model will say, not the references. Then decodes the same sentences with plain greedy and with
+`--speculate heads`, one sentence at a time (latency) and in 4096-token batches (throughput), with float32
+linear layers as trained and (on the CPU) prepacked for oneDNN (`--prepack`), taking turns within each repeat.
+Counts lines that differ from plain greedy (must be 0), mean tokens per verification pass, acceptance, and BLEU.
+With --draft RUN, also the draft-model path (one sentence at a time). Results in
+benchmarks/results/speculative_<device>.json; speedup_batch1 and speedup_batched are heads over plain greedy
+with float32 layers, the _prepacked ones with prepacked layers.
 """
 
 from __future__ import annotations
@@ -28,15 +32,33 @@ from translator.checkpoint import load_model  # noqa: E402
 from translator.config import DecodeConfig  # noqa: E402
 from translator.data import load_corpus  # noqa: E402
 from translator.inference import self_speculative_ids, speculative_ids, translate_ids  # noqa: E402
+from translator.quantize import prepack  # noqa: E402
 
 
-def train_heads(run: str, out: Path, heads: int, steps: int, data_dir: str, device: str) -> float:
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "translator.cli", *args], check=True)
+
+
+def distill(run: str, out: Path, data_dir: str, device: str) -> Path:
+    """The run's greedy translations of its training sources, as a corpus out/train.{src,tgt}."""
+    recipe = load_model(run)[2]
+    src, tgt = recipe.data.src_lang, recipe.data.tgt_lang
+    corpus = load_corpus(recipe.data.train, src, tgt, data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"train.{src}").write_text("".join(line + "\n" for line in corpus.src), encoding="utf-8")
+    cli("translate", "--model", run, "-i", str(out / f"train.{src}"), "-o", str(out / f"train.{tgt}"), "--beam", "1",
+        "--device", device, *(["--prepack"] if device == "cpu" else []))
+    return out / "train.{lang}"
+
+
+def train_heads(run: str, out: Path, heads: int, steps: int, data_dir: str, device: str,
+                train_files: Path | None) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "translator.cli", "train", "--config", str(Path(run) / "config.yaml"),
-                    "--init-from", run, "--out", str(out), "--data-dir", data_dir, "--device", device,
-                    f"--model.draft_heads={heads}", "--train.freeze=base", f"--train.max_steps={steps}",
-                    "--train.warmup=100", f"--train.cooldown={steps // 3}", f"--train.val_every={steps}",
-                    f"--train.save_every={steps}", "--no-progress"], check=True)
+    cli("train", "--config", str(Path(run) / "config.yaml"), "--init-from", run, "--out", str(out),
+        "--data-dir", data_dir, "--device", device, f"--model.draft_heads={heads}", "--train.freeze=base",
+        f"--train.max_steps={steps}", "--train.warmup=100", f"--train.cooldown={steps // 3}",
+        f"--train.val_every={steps}", f"--train.save_every={steps}", "--no-progress",
+        *([f"--data.train={train_files.resolve()}"] if train_files else []))
     return time.perf_counter() - start
 
 
@@ -46,6 +68,8 @@ def main() -> None:
     parser.add_argument("--heads-run", help="a run with draft heads (default: train them onto --model)")
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--head-steps", type=int, default=600, help="training steps for the heads")
+    parser.add_argument("--distill", action="store_true",
+                        help="train the heads on the model's own greedy translations of the training sources")
     parser.add_argument("--draft", help="also a separate draft model (run directory) on the same tokenizer")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -57,11 +81,20 @@ def main() -> None:
     metrics: dict = {}
     heads_run = args.heads_run
     if heads_run is None:
-        heads_run = f"{args.model.rstrip('/')}_heads{args.heads}"
+        heads_run = f"{args.model.rstrip('/')}_heads{args.heads}" + ("_distilled" if args.distill else "")
         if not (Path(heads_run) / "model.safetensors").is_file():
-            metrics["head_training_seconds"] = round(
-                train_heads(args.model, Path(heads_run), args.heads, args.head_steps, args.data_dir, args.device), 1)
+            start = time.perf_counter()
+            train_files = distill(args.model, Path(heads_run + "_corpus"), args.data_dir, args.device) \
+                if args.distill else None
+            if args.distill:
+                metrics["distill_seconds"] = round(time.perf_counter() - start, 1)
+            metrics["head_training_seconds"] = round(train_heads(args.model, Path(heads_run), args.heads,
+                                                                 args.head_steps, args.data_dir, args.device,
+                                                                 train_files), 1)
     model, tokenizer, recipe = load_model(heads_run, args.device)
+    models = {"float32": model}
+    if args.device == "cpu":
+        models["prepacked"] = prepack(load_model(heads_run, args.device)[0])
     corpus = load_corpus(recipe.data.test, recipe.data.src_lang, recipe.data.tgt_lang, args.data_dir)
     lines, refs = corpus.src[:args.sentences], corpus.tgt[:args.sentences]
     sources = tokenizer.encode(lines)
@@ -69,13 +102,14 @@ def main() -> None:
                     "threads": torch.get_num_threads()})
 
     settings = {"batch1": DecodeConfig(beam=1, batch_tokens=1), "batched": DecodeConfig(beam=1, batch_tokens=4096)}
-    systems = {
-        "greedy": lambda options: ([o[0] for o in translate_ids(model, sources, options, mode="greedy")], None),
-        "heads": lambda options: self_speculative_ids(model, sources, options),
-    }
+    systems = {}
+    for form, m in models.items():
+        suffix = "" if form == "float32" else f"_{form}"
+        systems["greedy" + suffix] = lambda options, m=m: ([o[0] for o in translate_ids(m, sources, options, mode="greedy")], None)
+        systems["heads" + suffix] = lambda options, m=m: self_speculative_ids(m, sources, options)
     best: dict = {}
     outputs: dict = {}
-    for _ in range(args.repeats):  # turns within each repeat: a slow spell of the machine falls on both alike
+    for _ in range(args.repeats):  # turns within each repeat: a slow spell of the machine falls on all alike
         for setting, options in settings.items():
             for name, run in systems.items():
                 start = time.perf_counter()
@@ -83,10 +117,10 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 best[name, setting] = min(seconds, best.get((name, setting), float("inf")))
                 outputs[name, setting] = out
-                if stats is not None:
+                if stats is not None and name == "heads":
                     metrics[f"tokens_per_pass_{setting}"] = round(stats.tokens_per_pass, 3)
                     metrics[f"acceptance_{setting}"] = round(stats.accepted / max(stats.proposed, 1), 3)
-                print(f"{setting:8s} {name:7s} {seconds:7.2f}s  {len(lines) / seconds:7.1f} sent/s", flush=True)
+                print(f"{setting:8s} {name:16s} {seconds:7.2f}s  {len(lines) / seconds:7.1f} sent/s", flush=True)
     if args.draft:
         draft = load_model(args.draft, args.device)[0]
         start = time.perf_counter()
@@ -102,15 +136,19 @@ def main() -> None:
         metrics[f"{name}_{setting}_seconds"] = round(seconds, 3)
         metrics[f"{name}_{setting}_sentences_per_second"] = round(len(lines) / seconds, 1)
         out = outputs[name, setting]
+        greedy = "greedy_prepacked" if name.endswith("_prepacked") else "greedy"  # the same layers' greedy
         metrics[f"{name}_{setting}_lines_differing_from_greedy"] = sum(
-            a != b for a, b in zip(out, outputs["greedy", setting if ("greedy", setting) in outputs else "batch1"]))
+            a != b for a, b in zip(out, outputs[greedy, setting if (greedy, setting) in outputs else "batch1"]))
         metrics[f"{name}_{setting}_bleu"] = round(bleu.corpus_score(tokenizer.decode(out), [refs]).score, 2)
     metrics["bleu_signature"] = bleu.get_signature().format()
-    metrics["speedup_batch1"] = round(best["greedy", "batch1"] / best["heads", "batch1"], 2)
-    metrics["speedup_batched"] = round(best["greedy", "batched"] / best["heads", "batched"], 2)
+    for form in models:
+        suffix = "" if form == "float32" else f"_{form}"
+        for setting in settings:
+            metrics[f"speedup_{setting}{suffix}"] = round(best["greedy" + suffix, setting] / best["heads" + suffix, setting], 2)
     save_result(args.name or f"speculative_{args.device}", metrics, args.device, model=args.model,
                 notes="greedy and heads decode the same sentences in turn within each repeat; the fastest repeat "
-                      "counts; the main head's weights are the model's own (heads trained with the base frozen)")
+                      "counts; the main head's weights are the model's own (heads trained with the base frozen"
+                      + (", on its own greedy translations)" if args.distill else ")"))
 
 
 if __name__ == "__main__":

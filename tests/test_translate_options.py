@@ -1,4 +1,4 @@
-"""translate's decoding options end to end on the toy model: ensembles, target prefixes, alignments, int8."""
+"""translate's decoding options end to end on the toy model: ensembles, target prefixes, alignments, int8 and prepacked layers."""
 
 import shutil
 
@@ -99,14 +99,18 @@ def test_alignments_link_the_toy_tasks_words_in_order(toy_model_dir, toy_source,
     assert code == 1 and "alignment layer 5: the decoder has 2 layers" in err
 
 
-def test_int8_translates_nearly_as_float32(toy_model_dir, toy_source, tmp_path, capsys):
+@pytest.mark.parametrize("form,agreement", [("--int8", 0.9), ("--prepack", 0.99)])
+def test_cpu_forms_translate_as_float32(form, agreement, toy_model_dir, toy_source, tmp_path, capsys):
     run_dir, _ = toy_model_dir
     assert run(["translate", "--model", run_dir, "-i", toy_source, "-o", tmp_path / "f32.de"], capsys)[0] == 0
-    code, _, err = run(["translate", "--model", run_dir, "-i", toy_source, "-o", tmp_path / "int8.de", "--int8",
+    code, _, err = run(["translate", "--model", run_dir, "-i", toy_source, "-o", tmp_path / "form.de", form,
                         "--device", "cpu"], capsys)
     assert code == 0, err
-    f32, int8 = lines_of(tmp_path / "f32.de"), lines_of(tmp_path / "int8.de")
-    assert len(int8) == len(f32) and sum(a == b for a, b in zip(f32, int8)) >= 0.9 * len(f32)
+    f32, other = lines_of(tmp_path / "f32.de"), lines_of(tmp_path / "form.de")
+    assert len(other) == len(f32) and sum(a == b for a, b in zip(f32, other)) >= agreement * len(f32)
+    with pytest.raises(SystemExit):
+        run(["translate", "--model", run_dir, "-i", toy_source, "--int8", "--prepack"], capsys)
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_speculate_heads_translates_as_greedy(toy_heads_dir, toy_source, tmp_path, capsys):

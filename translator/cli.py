@@ -230,11 +230,19 @@ def _add_sampling(p) -> None:
 
 
 def _add_models(p: argparse.ArgumentParser) -> None:
-    """--model (repeatable: an ensemble) and --int8, as translate and serve load models."""
+    """--model (repeatable: an ensemble), --int8 and --prepack, as translate and serve load models."""
     p.add_argument("--model", required=True, action="append",
                    help="run directory, or a .safetensors/.ckpt file inside one; given several times, an ensemble "
                         "(the models' log-probabilities averaged at every step; one sentencepiece model)")
-    p.add_argument("--int8", action="store_true", help="CPU: linear layers in int8 (PyTorch dynamic quantization)")
+    _add_cpu_forms(p)
+
+
+def _add_cpu_forms(p: argparse.ArgumentParser) -> None:
+    forms = p.add_mutually_exclusive_group()
+    forms.add_argument("--int8", action="store_true", help="CPU: linear layers in int8 (PyTorch dynamic quantization)")
+    forms.add_argument("--prepack", action="store_true",
+                       help="CPU: float32 linear layers prepacked for oneDNN (faster where MKL is slow on the few rows "
+                            "of a decoding step, e.g. AMD CPUs; the same results up to rounding)")
 
 
 def _add_decoding(p: argparse.ArgumentParser) -> None:
@@ -365,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Generate a continuation for each prompt (--prompt, or one per line of -i / stdin) with a\n"
                 "decoder-only language model; one output line per prompt, in order. Sampling is seeded.")
     p.add_argument("--model", required=True, help="run directory of a language model (recipe data.task: lm)")
+    _add_cpu_forms(p)
     p.add_argument("--prompt", help="one prompt (otherwise prompts are read from -i or stdin)")
     p.add_argument("-i", "--input", help="prompts, one per line (default: stdin)")
     p.add_argument("-o", "--output", help="output file, written when complete (default: stdout)")

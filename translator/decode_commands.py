@@ -42,15 +42,28 @@ def _decode_options(recipe, args):
     return options
 
 
+def _cpu_form(model, args):
+    """The model quantized with --int8 or prepacked with --prepack (both CPU only), else as it is."""
+    from .quantize import prepack, quantize_int8
+
+    for form, make in (("int8", quantize_int8), ("prepack", prepack)):
+        if getattr(args, form, False):
+            if next(model.parameters()).device.type != "cpu":
+                raise ValueError(f"--{form} runs on the CPU; pass --device cpu")
+            return make(model)
+    return model
+
+
 def _load_for_translation(args):
     """The model of --model (an Ensemble when --model is given several times), its tokenizer and recipe;
-    quantized with --int8."""
+    quantized with --int8, prepacked with --prepack."""
     from .checkpoint import load_model
 
     paths = args.model if isinstance(args.model, list) else [args.model]
     device = _device(args.device)
-    if getattr(args, "int8", False) and device != "cpu":
-        raise ValueError("--int8 (dynamic quantization) runs on the CPU; pass --device cpu")
+    for form in ("int8", "prepack"):
+        if getattr(args, form, False) and device != "cpu":  # before loading anything
+            raise ValueError(f"--{form} runs on the CPU; pass --device cpu")
     loaded = [load_model(path, device) for path in paths]
     model, tokenizer, recipe = loaded[0]
     if recipe.data.task == "lm":
@@ -62,10 +75,7 @@ def _load_for_translation(args):
         if other_recipe.data.task == "lm":
             raise ValueError(f"{path} is a language model; it does not translate")
     models = [m for m, _, _ in loaded]
-    if getattr(args, "int8", False):
-        from .quantize import quantize_int8
-
-        models = [quantize_int8(m) for m in models]
+    models = [_cpu_form(m, args) for m in models]
     if len(models) > 1:
         from .inference import Ensemble
 
@@ -123,6 +133,7 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
         if len(args.model) > 1 or args.prefix:
             raise ValueError("--draft speeds up one model without target prefixes; drop the extra --model or --prefix")
         draft, draft_tokenizer, _ = load_model(args.draft, next(model.parameters()).device)
+        draft = _cpu_form(draft, args)
         if draft_tokenizer.sp.serialized_model_proto() != tokenizer.sp.serialized_model_proto():
             raise ValueError(f"{args.draft} has another sentencepiece model than {args.model[0]}; a draft must share it")
     lines = read_input(args.input)
@@ -189,6 +200,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from .inference import generate_ids
 
     model, tokenizer, recipe = load_model(args.model, _device(args.device))
+    model = _cpu_form(model, args)
     if recipe.data.task != "lm":
         raise ValueError(f"{args.model} is a translation model; generate needs a language model (data.task: lm); "
                          "use translate")
