@@ -1,6 +1,10 @@
 """Batch plans from length arrays, and collation: what training reads from a store."""
 
+import copy
+
 import numpy as np
+import pytest
+import torch
 
 from translator.batching import TokenBatches, token_batches
 from translator.data import BOS_ID, EOS_ID, PAD_ID
@@ -146,3 +150,86 @@ def test_a_consumer_that_takes_exactly_len_batches_still_gets_a_new_shuffle_each
     prefetched = Prefetched(TokenBatches(data, 200, True, seed=5), 2)
     passes = [[b["position"] for b in itertools.islice(iter(prefetched), len(prefetched))] for _ in range(2)]
     assert [{epoch for epoch, _ in p} for p in passes] == [{0}, {1}]
+
+
+# -- Subword regularization: training batches segmented anew, seeded by position -----------------------------
+
+def _sampled_loaders(tmp_path, *overrides):
+    """Training and validation loader factories over a store of the toy corpus, with the recipe's overrides."""
+    from tests.conftest import TOY_RECIPE, write_toy_corpus
+    from translator.config import load_recipe
+    from translator.store import open_store, prepare
+    from translator.training import _loaders
+
+    data_dir = tmp_path / "data"
+    if not (tmp_path / "store").exists():
+        write_toy_corpus(data_dir, n_train=600, n_valid=50)
+        (tmp_path / "toy.yaml").write_text(TOY_RECIPE)
+    recipe = load_recipe(tmp_path / "toy.yaml", ["train.max_tokens=400", *overrides])
+    if not (tmp_path / "store").exists():
+        prepare(recipe, data_dir, tmp_path / "store")
+    store = open_store(tmp_path / "store", recipe, data_dir)
+    return _loaders(recipe, store), store
+
+
+def _texts(tokenizer, rows):
+    return tokenizer.decode([[t for t in row if t not in (PAD_ID, BOS_ID, EOS_ID)] for row in rows])
+
+
+def test_sampling_resegments_training_batches_only_and_keeps_their_text(tmp_path):
+    from translator.data import Tokenizer
+
+    (make_train, make_valid, _), store = _sampled_loaders(tmp_path)
+    (make_sampled, make_valid_too, _), _ = _sampled_loaders(tmp_path, "tokenizer.sampling={alpha: 0.3}")
+    tokenizer = Tokenizer(store.tokenizer_file)
+    plain, sampled = list(make_train(0, 1)), list(make_sampled(0, 1))
+    assert [b["position"] for b in plain] == [b["position"] for b in sampled]  # the same plan
+    changed = total = 0
+    for a, b in zip(plain, sampled):
+        for key in ("src", "tgt_out"):
+            assert _texts(tokenizer, b[key].tolist()) == _texts(tokenizer, a[key].tolist())  # same sentences
+            rows_a = [[t for t in r if t != PAD_ID] for r in a[key].tolist()]
+            rows_b = [[t for t in r if t != PAD_ID] for r in b[key].tolist()]
+            changed += sum(x != y for x, y in zip(rows_a, rows_b))
+            total += len(rows_a)
+        assert b["ntokens"] == int((b["tgt_out"] != PAD_ID).sum())
+        assert torch.equal(b["tgt_in"][:, 1:][b["tgt_out"][:, 1:] != PAD_ID], b["tgt_out"][b["tgt_out"] != PAD_ID][
+            ~(b["tgt_out"] == EOS_ID)[b["tgt_out"] != PAD_ID]])  # inputs are the outputs shifted
+    assert changed > 0.5 * total, (changed, total)
+    # Validation keeps the deterministic segmentation.
+    for a, b in zip(make_valid(0, 1), make_valid_too(0, 1)):
+        assert torch.equal(a["src"], b["src"]) and torch.equal(a["tgt_out"], b["tgt_out"])
+    with pytest.raises(ValueError, match="for training batches"):
+        TokenBatches(store.pairs("valid"), 400, False, sampling=make_sampled(0, 1).sampling)
+
+
+def test_sampled_batches_follow_the_seed_and_resume_exactly_in_workers(tmp_path):
+    from translator.batching import Prefetched
+
+    (make_sampled, _, _), _ = _sampled_loaders(tmp_path, "tokenizer.sampling={alpha: 0.3}")
+    first = make_sampled(0, 1)
+    expected = [(b["position"], b["src"].tolist(), b["tgt_out"].tolist()) for _ in range(2) for b in first]
+    second = make_sampled(0, 1)
+    again = [(b["position"], b["src"].tolist(), b["tgt_out"].tolist()) for _ in range(2) for b in second]
+    assert again == expected
+    # The same batch in the next epoch, or under another seed, is sampled anew.
+    other_seed = make_sampled(0, 1)
+    other_seed.sampling = copy.copy(other_seed.sampling)
+    other_seed.sampling.seed += 1
+    epoch0 = [x for x in expected if x[0][0] == 0]
+    other = [(b["position"], b["src"].tolist(), b["tgt_out"].tolist()) for b in other_seed]
+    assert sum(x[1] != y[1] for x, y in zip(epoch0, other)) > 0.5 * len(epoch0)
+    # Resumed mid-epoch, in two worker processes: the same batches from there on.
+    resumed = make_sampled(0, 1)
+    resumed.resume_at = epoch0[5][0]
+    got = [(b["position"], b["src"].tolist(), b["tgt_out"].tolist()) for b in Prefetched(resumed, 2)]
+    assert got == epoch0[5:]
+
+
+def test_sampling_settings_are_checked():
+    from translator.config import ConfigError, Recipe
+
+    for bad in ({"alpha": 0}, {"alpha": 1.5}, {"alpha": 0.1, "nbest": 0}, {"alpha": 0.1, "best": 3}, {"nbest": 5}):
+        with pytest.raises(ConfigError, match="tokenizer.sampling"):
+            Recipe.from_dict({"tokenizer": {"sampling": bad}})
+    Recipe.from_dict({"tokenizer": {"sampling": {"alpha": 0.1, "nbest": 64}}})

@@ -84,14 +84,21 @@ def test_training_lowers_validation_loss_and_leaves_a_loadable_run(toy_run, tmp_
 
 
 @pytest.mark.slow
-def test_resume_continues_to_the_same_weights(toy_run, tmp_path):
+@pytest.mark.parametrize("overrides", [[], ["tokenizer.sampling={alpha: 0.2}"]], ids=["plain", "subword_sampling"])
+def test_resume_continues_to_the_same_weights(toy_run, tmp_path, overrides):
     data_dir, recipe_path = toy_run
-    straight = fit(load_recipe(recipe_path), tmp_path / "a", data_dir=str(data_dir), max_steps=30, progress_bar=False)
-    fit(load_recipe(recipe_path), tmp_path / "b", data_dir=str(data_dir), max_steps=13, progress_bar=False)
-    resumed = fit(load_recipe(recipe_path), tmp_path / "b", data_dir=str(data_dir), max_steps=30, resume=True,
-                  progress_bar=False)
+    straight = fit(load_recipe(recipe_path, overrides), tmp_path / "a", data_dir=str(data_dir), max_steps=30,
+                   progress_bar=False)
+    fit(load_recipe(recipe_path, overrides), tmp_path / "b", data_dir=str(data_dir), max_steps=13, progress_bar=False)
+    resumed = fit(load_recipe(recipe_path, overrides), tmp_path / "b", data_dir=str(data_dir), max_steps=30,
+                  resume=True, progress_bar=False)
     a, b = read_weights(straight / "checkpoints/last.ckpt"), read_weights(resumed / "checkpoints/last.ckpt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    if overrides:  # and the sampling changed what was trained on
+        plain = fit(load_recipe(recipe_path), tmp_path / "c", data_dir=str(data_dir), max_steps=30, progress_bar=False)
+        c = read_weights(plain / "checkpoints/last.ckpt")
+        assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-3
+        return
     with pytest.raises(Exception, match="already holds a run; pass --resume"):
         fit(load_recipe(recipe_path), tmp_path / "b", data_dir=str(data_dir), max_steps=60, progress_bar=False)
 

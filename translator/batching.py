@@ -46,7 +46,8 @@ class ResumableBatches:
     def plan(self, epoch: int) -> list[np.ndarray]:
         raise NotImplementedError
 
-    def collate(self, indices: np.ndarray) -> dict[str, Any]:
+    def collate(self, indices: np.ndarray, position: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The batch of sentences (or blocks) `indices`; `position` is its (epoch, index) in training."""
         raise NotImplementedError
 
     def batches(self, epoch: int) -> list[np.ndarray]:
@@ -81,7 +82,7 @@ class ResumableBatches:
         self.epoch = epoch
         mine = range(start + share, len(batches), shares)
         for k, index in enumerate(mine):
-            batch = self.collate(batches[index])
+            batch = self.collate(batches[index], (epoch, index))
             batch["position"] = (epoch, index)
             if k == len(mine) - 1:
                 self._end_pass(epoch)  # before the last batch goes out: a consumer that knows the length
@@ -126,18 +127,49 @@ class Prefetched:
             yield batch
 
 
+class SubwordSampling:
+    """Subword regularization (Kudo 2018; BPE-dropout, Provilkov et al. 2020) for training batches: each
+    sentence of a batch is segmented anew by sentencepiece's sampling, seeded by the run's seed and the batch's
+    (epoch, index), so a batch is the same whichever process collates it and after a resume. The store keeps the
+    deterministic ids; decoding them gives the sentence back exactly (byte fallback), which is then re-encoded
+    with sampling, so a store needs no text and any store works. A sampled segmentation longer than `max_len`
+    keeps the deterministic one."""
+
+    def __init__(self, model_file: str, alpha: float, nbest: int, seed: int, max_len: int):
+        self.model_file, self.alpha, self.nbest, self.seed, self.max_len = str(model_file), alpha, nbest, seed, max_len
+        self._sp = None
+
+    def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker loads the model anew
+        return {**self.__dict__, "_sp": None}
+
+    def resegment(self, sentences: list[list[int]], position: tuple[int, int], side: int) -> list[list[int]]:
+        import sentencepiece as spm
+
+        if self._sp is None:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        # sentencepiece draws from one generator per thread, reseeded here; num_threads=1 keeps the draws in order.
+        spm.set_random_generator_seed(int(np.random.SeedSequence([self.seed, *position, side]).generate_state(1)[0]))
+        texts = self._sp.decode(sentences)
+        sampled = self._sp.encode(texts, enable_sampling=True, alpha=self.alpha, nbest_size=self.nbest, num_threads=1)
+        return [new if 0 < len(new) <= self.max_len else list(old) for new, old in zip(sampled, sentences)]
+
+
 class TokenBatches(ResumableBatches):
     """Padded translation batches: {"src", "tgt_in", "tgt_out", "ntokens", "position"}, and "index" (each pair's
     corpus line) when evaluating.
 
     Training (shuffle=True): a seeded permutation, then a stable sort by length, so that sentences of
-    similar length share a batch with random ties; the batch order is shuffled again per epoch.
+    similar length share a batch with random ties; the batch order is shuffled again per epoch. With
+    `sampling` (training only), the sentences of each batch are segmented anew (SubwordSampling); batches are
+    planned on the deterministic lengths, so a sampled batch may hold somewhat more than max_tokens.
     Evaluation (shuffle=False): sorted by length, the same batches every time; `index` restores line order."""
 
     def __init__(self, data: Pairs, max_tokens: int, shuffle: bool, seed: int = 1, rank: int = 0, world: int = 1,
-                 joint: bool = False):
+                 joint: bool = False, sampling: SubwordSampling | None = None):
         super().__init__(shuffle, seed, rank, world)
-        self.data, self.max_tokens, self.joint = data, max_tokens, joint
+        if sampling is not None and not shuffle:
+            raise ValueError("subword sampling is for training batches; evaluation keeps one segmentation")
+        self.data, self.max_tokens, self.joint, self.sampling = data, max_tokens, joint, sampling
         self.src_lens = data.src.lengths.astype(np.int32) + 1  # + EOS
         self.tgt_lens = data.tgt.lengths.astype(np.int32) + 1  # + BOS (input) or EOS (output)
         if joint:  # decoder-only translation: one sequence BOS source EOS target (EOS)
@@ -160,12 +192,20 @@ class TokenBatches(ResumableBatches):
         rng.shuffle(batches)
         return batches
 
-    def collate(self, indices: np.ndarray) -> dict[str, Any]:
-        src, tgt = self.data.src, self.data.tgt
+    def collate(self, indices: np.ndarray, position: tuple[int, int] | None = None) -> dict[str, Any]:
+        data = self.data
+        if self.sampling is not None:  # this batch's pairs, segmented anew
+            if position is None:
+                raise ValueError("a sampled batch needs its position (epoch, index)")
+            src = [data.src[i].tolist() for i in indices]
+            tgt = [data.tgt[i].tolist() for i in indices]
+            data = Pairs.of(self.sampling.resegment(src, position, 0), self.sampling.resegment(tgt, position, 1))
+            indices = np.arange(len(indices))
+        src, tgt = data.src, data.tgt
         ls, lt = src.lengths[indices].astype(np.int64), tgt.lengths[indices].astype(np.int64)
         rows = np.arange(len(indices))
         if self.joint:
-            return self._joint(indices, ls, lt)
+            return self._joint(data, indices, ls, lt)
         src_ids = np.full((len(indices), int(ls.max()) + 1), PAD_ID, dtype=np.int64)
         src.place(indices, src_ids, 0)
         src_ids[rows, ls] = EOS_ID
@@ -185,21 +225,21 @@ class TokenBatches(ResumableBatches):
             batch["index"] = torch.from_numpy(self.data.lines(indices))
         return batch
 
-    def _joint(self, indices: np.ndarray, ls: np.ndarray, lt: np.ndarray) -> dict[str, Any]:
+    def _joint(self, data: Pairs, indices: np.ndarray, ls: np.ndarray, lt: np.ndarray) -> dict[str, Any]:
         """Decoder-only translation: inputs BOS source EOS target, predicting the target and its EOS only
         (EOS separates the two sides). `prefix_len` covers BOS, source and separator; `src` stays for decoding."""
         rows = np.arange(len(indices))
         src_ids = np.full((len(indices), int(ls.max()) + 1), PAD_ID, dtype=np.int64)
-        self.data.src.place(indices, src_ids, 0)
+        data.src.place(indices, src_ids, 0)
         src_ids[rows, ls] = EOS_ID
         width = int((ls + lt).max()) + 2
         tokens_in = np.full((len(indices), width), PAD_ID, dtype=np.int64)
         tokens_in[:, 0] = BOS_ID
-        self.data.src.place(indices, tokens_in, 1)
+        data.src.place(indices, tokens_in, 1)
         tokens_in[rows, ls + 1] = EOS_ID
-        self.data.tgt.place(indices, tokens_in, ls + 2)
+        data.tgt.place(indices, tokens_in, ls + 2)
         tokens_out = np.full_like(tokens_in, PAD_ID)
-        self.data.tgt.place(indices, tokens_out, ls + 1)
+        data.tgt.place(indices, tokens_out, ls + 1)
         tokens_out[rows, ls + lt + 1] = EOS_ID
         return self._lines({"src": torch.from_numpy(src_ids), "tgt_in": torch.from_numpy(tokens_in),
                             "tgt_out": torch.from_numpy(tokens_out), "prefix_len": torch.from_numpy(ls + 2),
@@ -225,7 +265,7 @@ class BlockBatches(ResumableBatches):
             else np.arange(self.n_blocks)
         return [order[i:i + self.per_batch] for i in range(0, len(order), self.per_batch)]
 
-    def collate(self, indices: np.ndarray) -> dict[str, Any]:
+    def collate(self, indices: np.ndarray, position: tuple[int, int] | None = None) -> dict[str, Any]:
         starts = np.sort(indices) * self.block_size
         tokens = runs(self.stream, starts, np.full(len(starts), self.block_size + 1))
         rows = torch.from_numpy(tokens.astype(np.int64).reshape(len(starts), self.block_size + 1))

@@ -176,6 +176,10 @@ class TokenizerConfig:
     vocab_size: int = 8000
     character_coverage: float = 1.0
     max_sentences: int = 2_000_000  # larger corpora are sampled (seeded) for tokenizer training
+    # Subword regularization of training batches: {alpha: ..., nbest: ...}. BPE: each merge is dropped with
+    # probability alpha (BPE-dropout; 0.1 in its paper). Unigram: a segmentation sampled with probability
+    # ~ P^alpha among the nbest best (-1: all). Validation, test and translation keep one segmentation.
+    sampling: dict | None = None
 
 
 @dataclass
@@ -308,6 +312,7 @@ class Recipe:
              "train.init_from (--init-from RUN)"),
             (t.draft_weight >= 0, f"train.draft_weight={t.draft_weight} must not be negative"),
             (self.tokenizer.vocab_size >= 8, f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small"),
+            _sampling_check(self.tokenizer.sampling),
             (t.adam_betas is None or (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas)),
              f"train.adam_betas={t.adam_betas}: expected two numbers in [0, 1)"),
         ]
@@ -323,6 +328,18 @@ class Recipe:
         out: dict[str, Any] = {"format_version": FORMAT_VERSION, "model": self.model.to_dict()}
         out.update({name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS})
         return out
+
+
+def _sampling_check(sampling: dict | None) -> tuple[bool, str]:
+    """tokenizer.sampling: None, or {alpha: a number in (0, 1], nbest: an integer, -1 or >= 1 (default -1)}."""
+    if sampling is None:
+        return True, ""
+    unknown = sorted(set(sampling) - {"alpha", "nbest"})
+    alpha, nbest = sampling.get("alpha"), sampling.get("nbest", -1)
+    ok = (not unknown and isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha <= 1
+          and isinstance(nbest, int) and not isinstance(nbest, bool) and (nbest == -1 or nbest >= 1))
+    return ok, (f"tokenizer.sampling={sampling}: expected {{alpha: a number in (0, 1], nbest: -1 (all) or a "
+                f"positive integer}}" + (f"; unknown key(s) {', '.join(unknown)}" if unknown else ""))
 
 
 def _section(kind: type, values: Any, where: str) -> Any:

@@ -27,8 +27,8 @@ from .checkpoint import (CHECKPOINTS, CONFIG, TOKENIZER, AtomicCheckpointIO, Che
                          export_weights, load_model, read_recipe, write_recipe)
 from .config import Recipe
 from .data import Tokenizer
-from .batching import BlockBatches, Prefetched, ResumableBatches, TokenBatches
-from .store import MANIFEST, Store, StoreError, open_store, prepare
+from .batching import BlockBatches, Prefetched, ResumableBatches, SubwordSampling, TokenBatches
+from .store import MANIFEST, Store, StoreError, open_store, prepare, settings
 from .inference import translate_ids
 from .model import build_model
 
@@ -482,7 +482,11 @@ def _loaders(recipe: Recipe, store: Store):
                                                              world=world)), []
     joint = recipe.model.arch == "decoder_only"  # translation as one sequence: source EOS target
     train = store.pairs("train")
-    make_train = lambda rank, world: TokenBatches(train, t.max_tokens, True, t.seed, rank, world, joint)
+    sampling = None
+    if recipe.tokenizer.sampling is not None:
+        sampling = SubwordSampling(store.tokenizer_file, recipe.tokenizer.sampling["alpha"],
+                                   recipe.tokenizer.sampling.get("nbest", -1), t.seed, settings(recipe)["max_len"])
+    make_train = lambda rank, world: TokenBatches(train, t.max_tokens, True, t.seed, rank, world, joint, sampling)
     if not store.has("valid"):
         return make_train, None, []
     valid = store.pairs("valid")
