@@ -12,7 +12,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def pytest_collection_modifyitems(items):
     """Tests on the trained toy model wait for its training (about 15 s, once): slow, for `pytest -m "not slow"`."""
     for item in items:
-        if {"toy_model_dir", "toy_heads_dir"} & set(getattr(item, "fixturenames", ())):
+        if {"toy_model_dir", "toy_heads_dir", "toy_chain_heads_dir"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
@@ -105,9 +105,7 @@ def toy_model_dir(tmp_path_factory):
     return run, data_dir
 
 
-@pytest.fixture(scope="session")
-def toy_heads_dir(toy_model_dir, tmp_path_factory):
-    """Three draft heads trained onto the toy model with its weights frozen (a few seconds): a run directory."""
+def _train_toy_heads(toy_model_dir, tmp_path_factory, *overrides):
     from translator.config import load_recipe
     from translator.training import fit
 
@@ -115,5 +113,17 @@ def toy_heads_dir(toy_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_heads")
     recipe = load_recipe(run_dir / "config.yaml", ["--model.draft_heads=3", "--train.freeze=base",
                                                    f"--train.init_from={run_dir}", "--train.max_steps=150",
-                                                   "--train.warmup=30", "--train.lr_scale=1.0"])
+                                                   "--train.warmup=30", "--train.lr_scale=1.0", *overrides])
     return fit(recipe, root / "run", data_dir=str(data_dir), progress_bar=False)
+
+
+@pytest.fixture(scope="session")
+def toy_heads_dir(toy_model_dir, tmp_path_factory):
+    """Three draft heads trained onto the toy model with its weights frozen (a few seconds): a run directory."""
+    return _train_toy_heads(toy_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def toy_chain_heads_dir(toy_model_dir, tmp_path_factory):
+    """The same with chained heads (model.draft_chain)."""
+    return _train_toy_heads(toy_model_dir, tmp_path_factory, "--model.draft_chain=true")

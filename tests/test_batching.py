@@ -181,21 +181,33 @@ def test_sampling_resegments_training_batches_only_and_keeps_their_text(tmp_path
 
     (make_train, make_valid, _), store = _sampled_loaders(tmp_path)
     (make_sampled, make_valid_too, _), _ = _sampled_loaders(tmp_path, "tokenizer.sampling={alpha: 0.3}")
-    tokenizer = Tokenizer(store.tokenizer_file)
-    plain, sampled = list(make_train(0, 1)), list(make_sampled(0, 1))
-    assert [b["position"] for b in plain] == [b["position"] for b in sampled]  # the same plan
+    tokenizer, pairs = Tokenizer(store.tokenizer_file), store.pairs("train")
+    loader = make_sampled(0, 1)
     changed = total = 0
-    for a, b in zip(plain, sampled):
-        for key in ("src", "tgt_out"):
-            assert _texts(tokenizer, b[key].tolist()) == _texts(tokenizer, a[key].tolist())  # same sentences
-            rows_a = [[t for t in r if t != PAD_ID] for r in a[key].tolist()]
-            rows_b = [[t for t in r if t != PAD_ID] for r in b[key].tolist()]
-            changed += sum(x != y for x, y in zip(rows_a, rows_b))
-            total += len(rows_a)
+    for b in loader:
+        epoch, index = b["position"]
+        indices = loader.batches(epoch)[index]
+        for key, side in (("src", pairs.src), ("tgt_out", pairs.tgt)):
+            stored = [side[i].tolist() for i in indices]
+            assert _texts(tokenizer, b[key].tolist()) == tokenizer.decode(stored)  # the same sentences, in order
+            rows = [[t for t in r if t not in (PAD_ID, EOS_ID)] for r in b[key].tolist()]
+            changed += sum(x != y for x, y in zip(rows, stored))
+            total += len(rows)
         assert b["ntokens"] == int((b["tgt_out"] != PAD_ID).sum())
         assert torch.equal(b["tgt_in"][:, 1:][b["tgt_out"][:, 1:] != PAD_ID], b["tgt_out"][b["tgt_out"] != PAD_ID][
             ~(b["tgt_out"] == EOS_ID)[b["tgt_out"] != PAD_ID]])  # inputs are the outputs shifted
+        assert len(b["src"]) * max(b["src"].shape[1], b["tgt_out"].shape[1]) <= 400  # within max_tokens, as planned
+    assert sorted(i for batch in loader.batches(0) for i in batch.tolist()) == list(range(len(pairs)))
     assert changed > 0.5 * total, (changed, total)
+    assert len(loader.batches(0)) > len(make_train(0, 1).batches(0))  # planned for longer sentences: fewer per batch
+    joint = TokenBatches(pairs, 400, True, seed=1, joint=True, sampling=loader.sampling)  # decoder-only: one sequence
+    for b in joint:
+        indices = joint.batches(0)[b["position"][1]]
+        assert b["tgt_in"].numel() <= 400
+        assert _texts(tokenizer, b["src"].tolist()) == tokenizer.decode([pairs.src[i].tolist() for i in indices])
+        targets = [[t for t, keep in zip(row, mask) if keep] for row, mask in
+                   zip(b["tgt_out"].tolist(), (torch.arange(b["tgt_out"].shape[1]) >= b["prefix_len"][:, None] - 1).tolist())]
+        assert _texts(tokenizer, targets) == tokenizer.decode([pairs.tgt[i].tolist() for i in indices])
     # Validation keeps the deterministic segmentation.
     for a, b in zip(make_valid(0, 1), make_valid_too(0, 1)):
         assert torch.equal(a["src"], b["src"]) and torch.equal(a["tgt_out"], b["tgt_out"])

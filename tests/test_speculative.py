@@ -6,10 +6,15 @@ import torch
 
 from translator import ModelConfig, build_model, count_parameters
 from translator.config import DecodeConfig
-from translator.decoding import DraftModel, _filter_logits, greedy, heads, self_speculative
+from translator.decoding import DraftModel, _filter_logits, greedy, self_speculative
 from translator.inference import self_speculative_ids, translate_ids
 
 PAD, BOS, EOS, WRONG, V = 0, 1, 2, 3, 12
+
+
+def heads(draft_logits):
+    """A proposer from parallel heads' logits: draft_logits(h) -> (n, K, V)."""
+    return lambda h, token, choose: choose(draft_logits(h))
 
 
 class Scripted:
@@ -146,10 +151,10 @@ def test_speculative_sampling_follows_the_target_distribution(proposer):
     assert ((counts / counts.sum()) - filtered).abs().sum() / 2 < 0.04
 
 
-def tiny_with_heads(arch, heads=3):
+def tiny_with_heads(arch, heads=3, chain=False):
     extra = {"prefix_lm": True} if arch == "decoder_only" else {}
     cfg = ModelConfig.from_name("tiny" if arch == "encoder_decoder" else "lm_tiny", vocab_size=30, dropout=0.0,
-                                draft_heads=heads, **extra)
+                                draft_heads=heads, draft_chain=chain, **extra)
     return build_model(cfg).eval()
 
 
@@ -163,16 +168,18 @@ def test_no_heads_is_the_papers_model_exactly(arch):
     assert set(with_heads.state_dict()) - set(plain.state_dict()) == {f"draft_heads.{i}.proj.{w}" for i in range(3)
                                                                        for w in ("weight", "bias")}
     assert count_parameters(with_heads) - count_parameters(plain) == 3 * (32 * 32 + 32)
+    assert count_parameters(tiny_with_heads(arch, heads=3, chain=True)) - count_parameters(plain) == 3 * (64 * 32 + 32)
     assert not any(k.startswith("draft_heads") for k in plain.state_dict())
     # New heads start as the main head (their residual branch is zero).
     h = torch.randn(2, 5, 32)
     assert all(torch.allclose(logits, with_heads.logits(h), atol=1e-6) for logits in with_heads.draft_logits(h).unbind(-2))
 
 
+@pytest.mark.parametrize("chain", [False, True], ids=["parallel_heads", "chained_heads"])
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
-def test_model_speculative_greedy_equals_greedy_batched_and_alone(arch):
+def test_model_speculative_greedy_equals_greedy_batched_and_alone(arch, chain):
     torch.manual_seed(1)
-    model = tiny_with_heads(arch)
+    model = tiny_with_heads(arch, chain=chain)
     for i, head in enumerate(model.draft_heads):  # heads right some of the time: mixed acceptance
         torch.nn.init.normal_(head.proj.weight, std=0.02 * (i + 1))
     with torch.no_grad():  # an untrained model: keep EOS (logit 0 through the tied embedding) from ending at once
@@ -183,7 +190,31 @@ def test_model_speculative_greedy_equals_greedy_batched_and_alone(arch):
     batched, stats = self_speculative_ids(model, sources, options)
     alone, _ = self_speculative_ids(model, sources, DecodeConfig(max_len_b=10, batch_tokens=1))
     assert batched == expected and alone == expected
-    assert stats.accepted > 0 and stats.passes > 0
+    assert 0 < stats.accepted < stats.proposed and stats.passes > 0
+
+
+def test_chained_heads_train_on_what_they_propose_from():
+    """Teacher-forced, head k at position i reads head k-1's state there and the target at i + k - 1; decoding,
+    it reads the token proposed before its own. Where the proposals are the targets, the logits agree."""
+    torch.manual_seed(3)
+    model = tiny_with_heads("encoder_decoder", chain=True)
+    for head in model.draft_heads:
+        torch.nn.init.normal_(head.proj.weight, std=0.3)
+    h, targets = torch.randn(2, 7, 32), torch.randint(4, 30, (2, 7))
+    states = model.draft_states(h, targets)
+    assert [s.shape[1] for s in states] == [6, 5, 4]
+    for i in range(4):
+        seen = []
+
+        def forced(logits, i=i):  # the chain follows the targets
+            seen.append(logits)
+            return targets[:, i + len(seen)], logits.log_softmax(-1)
+
+        proposals, _ = model.draft(h[:, i], targets[:, i], forced)
+        assert torch.equal(proposals, targets[:, i + 1:i + 4])
+        for k, logits in enumerate(seen):
+            torch.testing.assert_close(logits, model.logits(states[k][:, i]))
+    assert model.draft_states(h[:, :2], targets[:, :2])[0].shape[1] == 1 and len(model.draft_states(h[:, :2], targets[:, :2])) == 1
 
 
 def test_a_model_without_heads_is_refused():
@@ -191,12 +222,14 @@ def test_a_model_without_heads_is_refused():
         self_speculative_ids(tiny_with_heads("encoder_decoder", heads=0), [[5, 6]], DecodeConfig())
 
 
-def test_heads_trained_onto_a_frozen_model_speed_it_up_and_change_nothing_else(toy_model_dir, toy_heads_dir):
+@pytest.mark.parametrize("heads_dir", ["toy_heads_dir", "toy_chain_heads_dir"])
+def test_heads_trained_onto_a_frozen_model_speed_it_up_and_change_nothing_else(toy_model_dir, heads_dir, request):
     from translator.checkpoint import load_model
 
     run_dir, data_dir = toy_model_dir
     base, tokenizer, _ = load_model(run_dir)
-    model, _, recipe = load_model(toy_heads_dir)
+    model, _, recipe = load_model(request.getfixturevalue(heads_dir))
+    assert model.cfg.draft_chain == (heads_dir == "toy_chain_heads_dir")
     heads = {k for k in model.state_dict() if k.startswith("draft_heads.")}
     assert len(heads) == 6 and all(torch.equal(v, model.state_dict()[k]) for k, v in base.state_dict().items())
     sources = tokenizer.encode((data_dir / "toy/valid.en").read_text().splitlines()[:60])

@@ -39,6 +39,9 @@ class ModelConfig:
     tie_output: bool = True  # the pre-softmax projection is the target embedding matrix
     prefix_lm: bool = False  # decoder-only translation: the source prefix attends bidirectionally
     draft_heads: int = 0  # extra heads proposing the next tokens for self-speculative decoding (0: the paper's model)
+    # False: each head reads the last hidden state (Medusa). True: head k also reads head k-1's state and the token
+    # proposed before its own (Hydra), so the heads propose one after another.
+    draft_chain: bool = False
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2

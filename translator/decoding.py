@@ -408,13 +408,6 @@ class SpeculationStats:
         return self.tokens / max(self.passes, 1)
 
 
-def heads(draft: Callable[[Tensor], Tensor]):
-    """A proposer for self_speculative from draft heads: draft(h) -> their logits (n, K, V) at hidden states h."""
-    def propose(h: Tensor, token: Tensor, choose) -> tuple[Tensor, Tensor]:
-        return choose(draft(h))
-    return propose
-
-
 class DraftModel:
     """A proposer for self_speculative from a separate, smaller model on the same vocabulary: it drafts K tokens
     after the model's token, one step each, with its own state (which offers reorder and reject as DecodeState
@@ -448,7 +441,7 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
                      sampling: dict | None = None,
                      generator: torch.Generator | None = None) -> tuple[list[list[int]], SpeculationStats]:
     """Batched speculative decoding (Leviathan et al., 2023), with the model's own draft heads proposing (Medusa's
-    scheme: propose=heads(...)) or a separate draft model (propose=DraftModel(...)).
+    scheme: propose=model.draft) or a separate draft model (propose=DraftModel(...)).
     feed(new (N, T), state) -> hidden states (N, T, C) after those the state holds; main(h) -> next-token logits
     (..., V); propose(h, token, choose) -> K proposals (n, K) after the model's next `token`, and their
     log-probabilities (n, K, V), where `choose` turns logits into (tokens, log-probabilities); a proposer may

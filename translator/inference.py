@@ -11,7 +11,7 @@ from torch import nn
 from .config import DecodeConfig
 from .cuda_graphs import GraphedStep, StaticDecodeState
 from .decoding import (DraftModel, EnsembleState, ForcedState, Hypothesis, SpeculationStats, beam_search, ensemble,
-                       forced_prefix, greedy, heads, max_lengths, sample, self_speculative)
+                       forced_prefix, greedy, max_lengths, sample, self_speculative)
 from .model import DecoderOnly, EncoderDecoder
 
 
@@ -188,7 +188,7 @@ def self_speculative_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[
         raise ValueError("the model has no draft heads (model.draft_heads is 0): train some onto it with "
                          "translator train --init-from RUN --model.draft_heads=3 --train.freeze=base")
     sources = [list(s)[:source_limit(model)] for s in sources]
-    return _speculate(model, sources, options, lambda _, prefix: heads(model.draft_logits), sampling, generator)
+    return _speculate(model, sources, options, lambda _, prefix: model.draft, sampling, generator)
 
 
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
@@ -231,7 +231,7 @@ def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_t
                 raise ValueError("the model has no draft heads (model.draft_heads is 0)")
             state = model.start(tokens)
             state.position_cap = cfg.max_positions - 1
-            out, _ = self_speculative(model.hidden, model.logits, heads(model.draft_logits),
+            out, _ = self_speculative(model.hidden, model.logits, model.draft,
                                       state, tokens, limit, cfg.eos_id, banned=banned,
                                       sampling=None if mode == "greedy" else (sampling or {}), generator=generator)
         elif mode == "greedy":

@@ -418,14 +418,16 @@ class DecodeState:
 class DraftHead(nn.Module):
     """A draft head for self-speculative decoding (Medusa, Cai et al. 2024): a residual feed-forward on the last
     hidden state, h + SiLU(W h), read out through the model's own output projection. Head k proposes the token k
-    positions after the one the main head predicts. W starts at zero, so a new head starts as the main head."""
+    positions after the one the main head predicts. Chained (Hydra, Ankner et al. 2024), W also reads the
+    embedding of the token proposed before head k's, and h is head k-1's state: h + SiLU(W [h; e]). W starts at
+    zero, so a new head starts as the main head."""
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, chain: bool = False):
         super().__init__()
-        self.proj = nn.Linear(d_model, d_model)
+        self.proj = nn.Linear(2 * d_model if chain else d_model, d_model)
 
-    def forward(self, h: Tensor) -> Tensor:
-        return h + F.silu(self.proj(h))
+    def forward(self, h: Tensor, previous: Tensor | None = None) -> Tensor:
+        return h + F.silu(self.proj(h if previous is None else torch.cat([h, previous], dim=-1)))
 
 
 class _Seq2SeqBase(nn.Module):
@@ -450,10 +452,40 @@ class _Seq2SeqBase(nn.Module):
             nn.init.zeros_(head.proj.weight)
 
     def draft_logits(self, h: Tensor) -> Tensor:
-        """The draft heads' logits for hidden states h (..., C), (..., K, V): head k's (k = 1..K) predict the token
-        k positions after the main head's. One output projection for all heads: in small batches its cost is
-        reading the (V, C) matrix, once rather than K times."""
+        """The (parallel) draft heads' logits for hidden states h (..., C), (..., K, V): head k's (k = 1..K)
+        predict the token k positions after the main head's. One output projection for all heads: in small
+        batches its cost is reading the (V, C) matrix, once rather than K times."""
         return self.logits(torch.stack([head(h) for head in self.draft_heads], dim=-2))
+
+    def draft_states(self, h: Tensor, targets: Tensor) -> list[Tensor]:
+        """Teacher-forced states of the draft heads for training: head k's (B, T - k, C) at positions i < T - k,
+        whose logits predict targets[:, i + k] (targets (B, T): what the main head predicts at each position).
+        Heads beyond the sequence's length get none."""
+        states, g = [], h
+        for k, head in enumerate(self.draft_heads, 1):
+            n = h.size(1) - k
+            if n <= 0:
+                break
+            if self.cfg.draft_chain:  # head k reads head k-1's state and the token at offset k-1
+                g = head(g[:, :n], self.tgt_embed.token(targets[:, k - 1:k - 1 + n]) * self.tgt_embed.scale)
+            else:
+                g = head(h[:, :n])
+            states.append(g)
+        return states
+
+    def draft(self, h: Tensor, token: Tensor, choose) -> tuple[Tensor, Tensor]:
+        """The heads' proposals after the main head's `token` (n,) at hidden states h (n, C): tokens (n, K) and
+        their log-probabilities (n, K, V), by choose(logits) -> (tokens, log-probabilities). Parallel heads
+        propose in one output projection, chained heads one after another."""
+        if not self.cfg.draft_chain:
+            return choose(self.draft_logits(h))
+        g, previous, tokens, lprobs = h, token, [], []
+        for head in self.draft_heads:
+            g = head(g, self.tgt_embed.token(previous) * self.tgt_embed.scale)
+            previous, q = choose(self.logits(g))
+            tokens.append(previous)
+            lprobs.append(q)
+        return torch.stack(tokens, dim=1), torch.stack(lprobs, dim=1)
 
     @property
     def output_weight(self) -> Tensor:  # (V, C): the target embedding when tied (Section 3.4)
@@ -502,7 +534,7 @@ class EncoderDecoder(_Seq2SeqBase):
         self.encoder = Stack(cfg, cfg.n_encoder_layers, cross_attention=False)
         self.decoder = Stack(cfg, cfg.n_decoder_layers, cross_attention=True)
         self.output = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.draft_heads = nn.ModuleList(DraftHead(cfg.d_model) for _ in range(cfg.draft_heads))  # none: no weights
+        self.draft_heads = nn.ModuleList(DraftHead(cfg.d_model, cfg.draft_chain) for _ in range(cfg.draft_heads))
         self._init_weights()
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
@@ -551,7 +583,7 @@ class DecoderOnly(_Seq2SeqBase):
         self.tgt_embed = Embedding(cfg, cfg.vocab_size)
         self.decoder = Stack(cfg, cfg.n_decoder_layers, cross_attention=False)
         self.output = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.draft_heads = nn.ModuleList(DraftHead(cfg.d_model) for _ in range(cfg.draft_heads))  # none: no weights
+        self.draft_heads = nn.ModuleList(DraftHead(cfg.d_model, cfg.draft_chain) for _ in range(cfg.draft_heads))
         self._init_weights()
 
     def states(self, tokens: Tensor, prefix_len: Tensor | None = None) -> Tensor:

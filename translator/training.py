@@ -139,13 +139,11 @@ class TranslationModule(L.LightningModule):
         h = self(batch)
         loss_sum, nll_sum = label_smoothed_loss(self.model.logits(h), batch["tgt_out"], t.label_smoothing, cfg.pad_id)
         if cfg.draft_heads:  # multi-token prediction: head k at position i learns target i + k
-            heads = []
-            for k, head in enumerate(self.model.draft_heads, 1):
-                if h.size(1) > k:
-                    logits = self.model.logits(head(h[:, :-k]))
-                    heads.append(label_smoothed_loss(logits, batch["tgt_out"][:, k:], t.label_smoothing, cfg.pad_id)[0])
-                else:  # targets too short for this head: no loss, but a graph (a frozen base has no other)
-                    heads.append(head(h[:, :1]).sum() * 0.0)
+            targets = batch["tgt_out"]
+            heads = [label_smoothed_loss(self.model.logits(g), targets[:, k:], t.label_smoothing, cfg.pad_id)[0]
+                     for k, g in enumerate(self.model.draft_states(h, targets), 1)]
+            # Targets too short for a head: no loss, but a graph (a frozen base has no other).
+            heads += [sum(p.sum() for p in head.parameters()) * 0.0 for head in self.model.draft_heads[len(heads):]]
             head_loss = torch.stack(heads).mean()
             self.log("train/draft_loss", head_loss / batch["ntokens"])
             loss_sum = head_loss if t.freeze == "base" else loss_sum + t.draft_weight * head_loss
@@ -408,7 +406,7 @@ DATA = "data"  # the store a run prepares for itself, inside its directory
 
 
 # Model settings --init-from may change; draft heads missing from the source start fresh.
-FINE_TUNABLE = {"dropout", "attention_dropout", "activation_dropout", "draft_heads"}
+FINE_TUNABLE = {"dropout", "attention_dropout", "activation_dropout", "draft_heads", "draft_chain"}
 
 
 def _check_init_from(recipe: Recipe, source: Recipe, source_dir: str) -> None:
@@ -529,9 +527,10 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
     make_train, make_valid, references = _loaders(recipe, store)
     module = TranslationModule(recipe.to_dict(), str(store.tokenizer_file), references)  # every rank has it
     if source is not None:
-        source_heads = source[2].model.draft_heads
+        # The source's heads are kept where they are of the same kind (parallel or chained); others start fresh.
+        source_heads = source[2].model.draft_heads if source[2].model.draft_chain == recipe.model.draft_chain else 0
         state = {k: v for k, v in source[0].state_dict().items()  # heads beyond ours are dropped
-                 if not k.startswith("draft_heads.") or int(k.split(".")[1]) < recipe.model.draft_heads}
+                 if not k.startswith("draft_heads.") or int(k.split(".")[1]) < min(source_heads, recipe.model.draft_heads)}
         missing, _ = module.model.load_state_dict(state, strict=False)
         unexpected_missing = [k for k in missing if not (k.startswith("draft_heads.") and int(k.split(".")[1]) >= source_heads)]
         if unexpected_missing:
