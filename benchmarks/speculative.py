@@ -3,10 +3,10 @@
     python benchmarks/speculative.py --model runs/bench_multi30k_en_de --data-dir ../shared/data
 
 Trains K draft heads onto the run with its weights frozen (`translator train --init-from RUN
---model.draft_heads=K --train.freeze=base`, into RUN_heads<K> unless it exists). With --distill, the heads
-learn the model's own greedy translations of the training sources (`translator translate --beam 1` first, then
-`--data.train` on those files: self-distillation, into RUN_heads<K>_distilled): they are to predict what the
-model will say, not the references. Then decodes the same sentences with plain greedy and with
+--model.draft_heads=K --train.freeze=base`, into RUN_heads<K> unless it exists; chained heads with --chain, into
+RUN_chain<K>). With --distill, the heads learn the model's own greedy translations of the training sources
+(`translator translate --beam 1` into RUN_distilled_corpus first, then `--data.train` on those files:
+self-distillation, into ..._distilled): they are to predict what the model will say, not the references. Then decodes the same sentences with plain greedy and with
 `--speculate heads`, one sentence at a time (latency) and in 4096-token batches (throughput), with float32
 linear layers as trained and (on the CPU) prepacked for oneDNN (`--prepack`), taking turns within each repeat.
 Counts lines that differ from plain greedy (must be 0), mean tokens per verification pass, acceptance, and BLEU.
@@ -52,13 +52,14 @@ def distill(run: str, out: Path, data_dir: str, device: str) -> Path:
 
 
 def train_heads(run: str, out: Path, heads: int, steps: int, data_dir: str, device: str,
-                train_files: Path | None) -> float:
+                train_files: Path | None, chain: bool) -> float:
     start = time.perf_counter()
     cli("train", "--config", str(Path(run) / "config.yaml"), "--init-from", run, "--out", str(out),
         "--data-dir", data_dir, "--device", device, f"--model.draft_heads={heads}", "--train.freeze=base",
         f"--train.max_steps={steps}", "--train.warmup=100", f"--train.cooldown={steps // 3}",
         f"--train.val_every={steps}", f"--train.save_every={steps}", "--no-progress",
-        *([f"--data.train={train_files.resolve()}"] if train_files else []))
+        *([f"--data.train={train_files.resolve()}"] if train_files else []),
+        *(["--model.draft_chain=true"] if chain else []))
     return time.perf_counter() - start
 
 
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--heads-run", help="a run with draft heads (default: train them onto --model)")
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--head-steps", type=int, default=600, help="training steps for the heads")
+    parser.add_argument("--chain", action="store_true", help="chained heads (model.draft_chain)")
     parser.add_argument("--distill", action="store_true",
                         help="train the heads on the model's own greedy translations of the training sources")
     parser.add_argument("--draft", help="also a separate draft model (run directory) on the same tokenizer")
@@ -81,16 +83,17 @@ def main() -> None:
     metrics: dict = {}
     heads_run = args.heads_run
     if heads_run is None:
-        heads_run = f"{args.model.rstrip('/')}_heads{args.heads}" + ("_distilled" if args.distill else "")
+        heads_run = f"{args.model.rstrip('/')}_{'chain' if args.chain else 'heads'}{args.heads}" + \
+            ("_distilled" if args.distill else "")
         if not (Path(heads_run) / "model.safetensors").is_file():
             start = time.perf_counter()
-            train_files = distill(args.model, Path(heads_run + "_corpus"), args.data_dir, args.device) \
-                if args.distill else None
+            corpus = Path(f"{args.model.rstrip('/')}_distilled_corpus")  # shared by the kinds of heads
+            train_files = distill(args.model, corpus, args.data_dir, args.device) if args.distill else None
             if args.distill:
                 metrics["distill_seconds"] = round(time.perf_counter() - start, 1)
             metrics["head_training_seconds"] = round(train_heads(args.model, Path(heads_run), args.heads,
                                                                  args.head_steps, args.data_dir, args.device,
-                                                                 train_files), 1)
+                                                                 train_files, args.chain), 1)
     model, tokenizer, recipe = load_model(heads_run, args.device)
     models = {"float32": model}
     if args.device == "cpu":

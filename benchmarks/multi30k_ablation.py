@@ -1,0 +1,103 @@
+"""Recipe switches one at a time on Multi30k: each variant's validation BLEU against the recipe's own, at the
+same budget of steps and tokens per step (so the same compute; the wall time is recorded beside it).
+
+    python benchmarks/multi30k_ablation.py --recipe recipes/multi30k/en_de.yaml --data-dir ../shared/data \
+        --variant "bpe_dropout_0.1=tokenizer.sampling={alpha: 0.1}" --seeds 1 2
+
+Each variant (NAME=KEY=VALUE[;KEY=VALUE...]) and seed trains into runs/ablation/<recipe>_<NAME>_seed<S>, unless
+that run has finished; --run NAME=RUN_DIR adds a finished run trained elsewhere (the recipe's own run, say, as
+`baseline`). Only validation is read (greedy BLEU at every train.val_every steps, from the run's log): choose
+on validation, and look at test2016 once, at the end, with benchmarks/multi30k.py. Results in
+benchmarks/results/multi30k_ablation.json: per run its overrides, seed, steps, the validation BLEU curve, the
+final validation BLEU and the difference to the baseline of the same seed (or of seed 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_result  # noqa: E402
+
+from translator.checkpoint import load_torch_checkpoint, read_recipe  # noqa: E402
+
+
+def validation_curve(run_dir: Path) -> list[dict]:
+    """(step, seconds of training, validation loss and greedy BLEU) at each validation, from the run's logs."""
+    rows = {}
+    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(open(path)):
+            if row.get("val/loss"):
+                step = int(row["step"]) + 1
+                rows[step] = {"step": step, "seconds": round(float(row["val/elapsed_s"]), 1),
+                              "val_loss": round(float(row["val/loss"]), 4),
+                              "val_bleu": round(float(row.get("val/bleu") or "nan"), 2)}
+    return [rows[s] for s in sorted(rows)]
+
+
+def finished(run_dir: Path) -> bool:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last.exists() and load_torch_checkpoint(last)["global_step"] == read_recipe(run_dir).train.max_steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="recipes/multi30k/en_de.yaml")
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE]")
+    parser.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
+                        help="a finished run to include as it is (seed from its recipe)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--baseline", default="baseline", help="the name the others are compared with")
+    parser.add_argument("--name", default="multi30k_ablation")
+    args = parser.parse_args()
+
+    recipe_name = Path(args.recipe).stem
+    runs: list[tuple[str, list[str], Path]] = []
+    for item in args.run:
+        name, _, run_dir = item.partition("=")
+        runs.append((name, [], Path(run_dir)))
+    for item in args.variant:
+        name, _, overrides = item.partition("=")
+        for seed in args.seeds:
+            settings = [o for o in overrides.split(";") if o] + [f"train.seed={seed}"]
+            run_dir = Path("runs/ablation") / f"{recipe_name}_{name}_seed{seed}"
+            if not finished(run_dir):
+                if run_dir.exists():
+                    raise SystemExit(f"{run_dir} holds an unfinished run: resume it (translator train --resume) or "
+                                     "remove it")
+                subprocess.run([sys.executable, "-m", "translator.cli", "train", "--config", args.recipe,
+                                "--data-dir", args.data_dir, "--out", str(run_dir), "--no-progress",
+                                *[f"--{o}" for o in settings]], check=True)
+            runs.append((name, settings, run_dir))
+
+    rows = []
+    for name, settings, run_dir in runs:
+        if not finished(run_dir):
+            raise SystemExit(f"{run_dir}: training did not finish")
+        curve = validation_curve(run_dir)
+        rows.append({"name": name, "overrides": settings, "run_dir": str(run_dir),
+                     "seed": read_recipe(run_dir).train.seed, "steps": curve[-1]["step"],
+                     "train_seconds": curve[-1]["seconds"], "val_bleu": curve[-1]["val_bleu"], "curve": curve})
+    baselines = {r["seed"]: r for r in rows if r["name"] == args.baseline}
+    for row in rows:
+        base = baselines.get(row["seed"]) or baselines.get(1)
+        if base is not None and row["name"] != args.baseline:
+            row["val_bleu_change"] = round(row["val_bleu"] - base["val_bleu"], 2)
+            row["val_bleu_change_by_step"] = {str(b["step"]): round(a["val_bleu"] - b["val_bleu"], 2)
+                                              for a, b in zip(row["curve"], base["curve"]) if a["step"] == b["step"]}
+    for row in rows:
+        print(f"{row['name']:24s} seed {row['seed']}  val BLEU {row['val_bleu']:6.2f}  "
+              f"{row.get('val_bleu_change', 0):+6.2f}  {row['train_seconds'] / 60:5.1f} min", flush=True)
+    save_result(args.name, {"runs": rows}, "cpu", recipe=args.recipe,
+                notes="validation BLEU is greedy (train.val_bleu), on the whole validation set; each variant "
+                      "changes only its overrides; the same steps and tokens per step as the recipe; train_seconds "
+                      "is wall time and depends on what else the machine ran")
+
+
+if __name__ == "__main__":
+    main()
