@@ -11,6 +11,7 @@ import torch
 
 from .data import BOS_ID, EOS_ID, PAD_ID, DataError
 from .store import OnDisk, Pairs, runs
+from .subword import SubwordSampling
 
 
 def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, order: np.ndarray) -> list[np.ndarray]:
@@ -127,51 +128,6 @@ class Prefetched:
             yield batch
 
 
-class SubwordSampling:
-    """Subword regularization (Kudo 2018; BPE-dropout, Provilkov et al. 2020) for training batches: each
-    sentence of a batch is segmented anew by sentencepiece's sampling, seeded by the run's seed and the batch's
-    (epoch, index), so a batch is the same whichever process collates it and after a resume. The store keeps the
-    deterministic ids; decoding them gives the sentence back exactly (byte fallback), which is then re-encoded
-    with sampling, so a store needs no text and any store works. A sampled segmentation longer than `max_len`
-    keeps the deterministic one."""
-
-    def __init__(self, model_file: str, alpha: float, nbest: int, seed: int, max_len: int):
-        self.model_file, self.alpha, self.nbest, self.seed, self.max_len = str(model_file), alpha, nbest, seed, max_len
-        self._sp = None
-
-    def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker loads the model anew
-        return {**self.__dict__, "_sp": None}
-
-    def resegment(self, sentences: list[list[int]], position: tuple[int, int], side: int,
-                  max_len: int | Sequence[int] | None = None) -> list[list[int]]:
-        """The sentences segmented anew, by a draw that depends on the seed, position and side alone; those that
-        come out longer than max_len (one for all or one per sentence; at most self.max_len) keep their
-        segmentation."""
-        import sentencepiece as spm
-
-        if self._sp is None:
-            self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
-        # sentencepiece draws from one generator per thread, reseeded here; num_threads=1 keeps the draws in order.
-        spm.set_random_generator_seed(int(np.random.SeedSequence([self.seed, *position, side]).generate_state(1)[0]))
-        texts = self._sp.decode(sentences)
-        sampled = self._sp.encode(texts, enable_sampling=True, alpha=self.alpha, nbest_size=self.nbest, num_threads=1)
-        limits = [max_len] * len(sentences) if max_len is None or isinstance(max_len, int) else max_len
-        return [new if 0 < len(new) <= min(self.max_len, self.max_len if limit is None else limit) else list(old)
-                for new, old, limit in zip(sampled, sentences, limits)]
-
-    def growth(self, data: Pairs, sample: int = 2000) -> float:
-        """How much longer sampled segmentations are than the stored ones: the ratio of token counts over a
-        seeded sample of pairs, both sides (about 1.4 for BPE-dropout 0.1 with 8000 pieces), at least 1."""
-        rng = np.random.default_rng(self.seed)
-        indices = np.sort(rng.choice(len(data), min(sample, len(data)), replace=False))
-        stored = sampled = 0
-        for side, sentences in enumerate((data.src, data.tgt)):
-            old = [sentences[i].tolist() for i in indices]
-            stored += sum(map(len, old))
-            sampled += sum(map(len, self.resegment(old, (0, 0), side + 2, max_len=10 ** 9)))  # draws of its own
-        return max(1.0, sampled / max(stored, 1))
-
-
 class TokenBatches(ResumableBatches):
     """Padded translation batches: {"src", "tgt_in", "tgt_out", "ntokens", "position"}, and "index" (each pair's
     corpus line) when evaluating.
@@ -190,7 +146,7 @@ class TokenBatches(ResumableBatches):
         if sampling is not None and not shuffle:
             raise ValueError("subword sampling is for training batches; evaluation keeps one segmentation")
         self.data, self.max_tokens, self.joint, self.sampling = data, max_tokens, joint, sampling
-        growth = 1.0 if sampling is None else sampling.growth(data)
+        growth = 1.0 if sampling is None else sampling.growth((data.src, data.tgt))
         self.src_lens = np.ceil(data.src.lengths * growth).astype(np.int32) + 1  # + EOS
         self.tgt_lens = np.ceil(data.tgt.lengths * growth).astype(np.int32) + 1  # + BOS (input) or EOS (output)
         if joint:  # decoder-only translation: one sequence BOS source EOS target (EOS)

@@ -181,7 +181,7 @@ class TokenizerConfig:
     max_sentences: int = 2_000_000  # larger corpora are sampled (seeded) for tokenizer training
     # Subword regularization of training batches: {alpha: ..., nbest: ...}. BPE: each merge is dropped with
     # probability alpha (BPE-dropout; 0.1 in its paper). Unigram: a segmentation sampled with probability
-    # ~ P^alpha among the nbest best (-1: all). Validation, test and translation keep one segmentation.
+    # ~ P^alpha among the nbest best (-1: 64). Validation, test and translation keep one segmentation.
     sampling: dict | None = None
 
 

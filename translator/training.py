@@ -27,8 +27,9 @@ from .checkpoint import (CHECKPOINTS, CONFIG, TOKENIZER, AtomicCheckpointIO, Che
                          export_weights, load_model, read_recipe, write_recipe)
 from .config import Recipe
 from .data import Tokenizer
-from .batching import BlockBatches, Prefetched, ResumableBatches, SubwordSampling, TokenBatches
+from .batching import BlockBatches, Prefetched, ResumableBatches, TokenBatches
 from .store import MANIFEST, Store, StoreError, open_store, prepare, settings
+from .subword import SubwordSampling
 from .inference import translate_ids
 from .model import build_model
 
