@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_result  # noqa: E402
 
 from translator.checkpoint import load_torch_checkpoint, read_recipe  # noqa: E402
+from translator.config import load_recipe  # noqa: E402
 
 
 def validation_curve(run_dir: Path) -> list[dict]:
@@ -54,13 +55,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--baseline", default="baseline", help="the name the others are compared with")
     parser.add_argument("--name", default="multi30k_ablation")
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="record --run directories whose training stopped early, up to their last validation")
     args = parser.parse_args()
 
     recipe_name = Path(args.recipe).stem
     runs: list[tuple[str, list[str], Path]] = []
+    base = load_recipe(args.recipe).to_dict()
     for item in args.run:
         name, _, run_dir = item.partition("=")
-        runs.append((name, [], Path(run_dir)))
+        trained = read_recipe(Path(run_dir)).to_dict()  # its settings where they differ from the recipe's
+        differ = [f"{section}.{key}={value}" for section in ("model", "data", "tokenizer", "train")
+                  for key, value in trained[section].items()
+                  if key not in ("vocab_size", "seed") and base[section].get(key) != value]
+        runs.append((name, differ, Path(run_dir)))
     for item in args.variant:
         name, _, overrides = item.partition("=")
         for seed in args.seeds:
@@ -77,17 +85,19 @@ def main() -> None:
 
     rows = []
     for name, settings, run_dir in runs:
-        if not finished(run_dir):
-            raise SystemExit(f"{run_dir}: training did not finish")
+        done = finished(run_dir)
+        if not done and not args.allow_unfinished:
+            raise SystemExit(f"{run_dir}: training did not finish (--allow-unfinished records it as far as it got)")
         curve = validation_curve(run_dir)
-        rows.append({"name": name, "overrides": settings, "run_dir": str(run_dir),
+        rows.append({"name": name, "overrides": settings, "run_dir": str(run_dir), "finished": done,
                      "seed": read_recipe(run_dir).train.seed, "steps": curve[-1]["step"],
                      "train_seconds": curve[-1]["seconds"], "val_bleu": curve[-1]["val_bleu"], "curve": curve})
     baselines = {r["seed"]: r for r in rows if r["name"] == args.baseline}
     for row in rows:
         base = baselines.get(row["seed"]) or baselines.get(1)
         if base is not None and row["name"] != args.baseline:
-            row["val_bleu_change"] = round(row["val_bleu"] - base["val_bleu"], 2)
+            if row["finished"]:
+                row["val_bleu_change"] = round(row["val_bleu"] - base["val_bleu"], 2)
             row["val_bleu_change_by_step"] = {str(b["step"]): round(a["val_bleu"] - b["val_bleu"], 2)
                                               for a, b in zip(row["curve"], base["curve"]) if a["step"] == b["step"]}
     for row in rows:
