@@ -6,9 +6,10 @@ Trains K draft heads onto the run with its weights frozen (`translator train --i
 --model.draft_heads=K --train.freeze=base`, into RUN_heads<K> unless it exists; chained heads with --chain, into
 RUN_chain<K>). With --distill, the heads learn the model's own greedy translations of the training sources
 (`translator translate --beam 1` into RUN_distilled_corpus first, then `--data.train` on those files:
-self-distillation, into ..._distilled): they are to predict what the model will say, not the references. Then decodes the same sentences with plain greedy and with
-`--speculate heads`, one sentence at a time (latency) and in 4096-token batches (throughput), with float32
-linear layers as trained and (on the CPU) prepacked for oneDNN (`--prepack`), taking turns within each repeat.
+self-distillation, into ..._distilled): they are to predict what the model will say, not the references.
+Then decodes the same sentences with plain greedy and with `--speculate heads`, one sentence at a time
+(latency) and in 4096-token batches (throughput), with float32 linear layers as trained and (on the CPU)
+prepacked for oneDNN (`--prepack`), taking turns within each repeat.
 Counts lines that differ from plain greedy (must be 0), mean tokens per verification pass, acceptance, and BLEU.
 With --draft RUN, also the draft-model path (one sentence at a time). Results in
 benchmarks/results/speculative_<device>.json; speedup_batch1 and speedup_batched are heads over plain greedy

@@ -177,6 +177,7 @@ class TokenBatches(ResumableBatches):
             src = [data.src[i].tolist() for i in indices]
             tgt = [data.tgt[i].tolist() for i in indices]
             width = self.max_tokens // len(indices)  # what the plan allows each sequence, padding included
+            position = (*position, self.rank)  # the ranks' batches at one position draw apart
             if self.joint:  # one sequence holds BOS, source, EOS, target: the two sides share the width
                 src = self.sampling.resegment(src, position, 0, [width - 2 - len(t) for t in tgt])
                 tgt = self.sampling.resegment(tgt, position, 1, [width - 2 - len(s) for s in src])

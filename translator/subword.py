@@ -98,7 +98,7 @@ class SubwordSampling:
         p = np.exp(scores - scores.max())
         return [piece.id for piece in nbest[rng.choice(len(nbest), p=p / p.sum())].pieces]
 
-    def resegment(self, sentences: list[list[int]], position: tuple[int, int], side: int,
+    def resegment(self, sentences: list[list[int]], position: tuple[int, ...], side: int,
                   max_len: int | Sequence[int] | None = None) -> list[list[int]]:
         """The sentences segmented anew, by a draw that depends on the seed, position and side alone; those that
         come out longer than max_len (one for all or one per sentence; at most self.max_len) keep their
