@@ -128,6 +128,12 @@ class Prefetched:
             yield batch
 
 
+def _sentences(side, indices: np.ndarray) -> list[list[int]]:
+    """Sentences `indices` of a store side as lists, read in one go."""
+    ends = np.cumsum(side.lengths[indices].astype(np.int64))
+    return [part.tolist() for part in np.split(side.tokens(indices).astype(np.int64), ends[:-1])]
+
+
 class TokenBatches(ResumableBatches):
     """Padded translation batches: {"src", "tgt_in", "tgt_out", "ntokens", "position"}, and "index" (each pair's
     corpus line) when evaluating.
@@ -174,8 +180,7 @@ class TokenBatches(ResumableBatches):
         if self.sampling is not None:  # this batch's pairs, segmented anew
             if position is None:
                 raise ValueError("a sampled batch needs its position (epoch, index)")
-            src = [data.src[i].tolist() for i in indices]
-            tgt = [data.tgt[i].tolist() for i in indices]
+            src, tgt = _sentences(data.src, indices), _sentences(data.tgt, indices)
             width = self.max_tokens // len(indices)  # what the plan allows each sequence, padding included
             position = (*position, self.rank)  # the ranks' batches at one position draw apart
             if self.joint:  # one sequence holds BOS, source, EOS, target: the two sides share the width

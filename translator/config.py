@@ -334,15 +334,15 @@ class Recipe:
 
 
 def _sampling_check(sampling: dict | None) -> tuple[bool, str]:
-    """tokenizer.sampling: None, or {alpha: a number in (0, 1], nbest: an integer, -1 or >= 1 (default -1)}."""
+    """tokenizer.sampling: None, or {alpha: a number in (0, 1], nbest: -1 (64) or a positive integer}."""
     if sampling is None:
         return True, ""
     unknown = sorted(set(sampling) - {"alpha", "nbest"})
     alpha, nbest = sampling.get("alpha"), sampling.get("nbest", -1)
     ok = (not unknown and isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha <= 1
           and isinstance(nbest, int) and not isinstance(nbest, bool) and (nbest == -1 or nbest >= 1))
-    return ok, (f"tokenizer.sampling={sampling}: expected {{alpha: a number in (0, 1], nbest: -1 (all) or a "
-                f"positive integer}}" + (f"; unknown key(s) {', '.join(unknown)}" if unknown else ""))
+    return ok, (f"tokenizer.sampling={sampling}: expected {{alpha: a number in (0, 1], nbest: a positive integer "
+                f"(unigram only; -1: 64)}}" + (f"; unknown key(s) {', '.join(unknown)}" if unknown else ""))
 
 
 def _section(kind: type, values: Any, where: str) -> Any:

@@ -43,15 +43,12 @@ def _decode_options(recipe, args):
 
 
 def _cpu_form(model, args):
-    """The model quantized with --int8 or prepacked with --prepack (both CPU only), else as it is."""
+    """The model quantized with --int8 or prepacked with --prepack (both refuse a model off the CPU)."""
     from .quantize import prepack, quantize_int8
 
-    for form, make in (("int8", quantize_int8), ("prepack", prepack)):
-        if getattr(args, form, False):
-            if next(model.parameters()).device.type != "cpu":
-                raise ValueError(f"--{form} runs on the CPU; pass --device cpu")
-            return make(model)
-    return model
+    if getattr(args, "int8", False):
+        return quantize_int8(model)
+    return prepack(model) if getattr(args, "prepack", False) else model
 
 
 def _load_for_translation(args):
