@@ -14,7 +14,7 @@ from translator.cli import main
 from translator.config import load_recipe
 from translator.data import read_lines
 from translator.inference import translate_ids
-from translator.training import fit, inverse_sqrt_lr, label_smoothed_loss
+from translator.training import fit, inverse_sqrt_lr, label_smoothed_loss, symmetric_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -270,16 +270,26 @@ def batch_of(pairs, pad=0, bos=1, eos=2):
     return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "ntokens": sum(len(t) + 1 for _, t in pairs)}
 
 
-def gradient_after_one_update(batches, accumulate):
-    import lightning as L
-
+def tiny_module(model=(), train=()):
     from translator.training import TranslationModule
 
     torch.manual_seed(0)
-    module = TranslationModule({"model": {"preset": "tiny", "vocab_size": 40},
-                                "train": {"max_tokens": 64, "warmup": 10, "max_steps": 1, "val_bleu": "none"}})
+    return TranslationModule({"model": {"preset": "tiny", "vocab_size": 40, **dict(model)},
+                              "train": {"max_tokens": 64, "warmup": 10, "max_steps": 1, "val_bleu": "none",
+                                        **dict(train)}})
+
+
+def gradient_after_one_update(batches, accumulate, model=(), train=(), dropout_seed=7):
+    import lightning as L
+
+    class SeedDropout(L.Callback):  # the same dropout masks as a reference computed by hand
+        def on_train_batch_start(self, *args):
+            torch.manual_seed(dropout_seed)
+
+    module = tiny_module(model, train)
     trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[SeedDropout()])
     trainer.fit(module, train_dataloaders=Batches(batches))
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
@@ -384,3 +394,52 @@ def test_loader_workers_train_the_same_weights(toy_run, tmp_path):
                 max_steps=15, progress_bar=False) for n in (0, 2)]  # 15 steps: past an epoch's end
     a, b = (read_weights(run / "checkpoints/last.ckpt") for run in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_symmetric_kl_matches_torch():
+    logits = torch.randn(6, 5, 11) * 3
+    keep = torch.rand(3, 5) > 0.3
+    logp, logq = F.log_softmax(logits, -1).chunk(2)
+    pointwise = F.kl_div(logq, logp, log_target=True, reduction="none") + F.kl_div(logp, logq, log_target=True,
+                                                                                     reduction="none")
+    torch.testing.assert_close(symmetric_kl(logits, keep), pointwise.sum(-1)[keep].sum())
+
+
+def rdrop_batch():
+    g = torch.Generator().manual_seed(3)
+    words = lambda n: torch.randint(4, 40, (n,), generator=g).tolist()
+    return batch_of([(words(5), words(3)), (words(7), words(6)), (words(2), words(4))])
+
+
+def test_rdrop_without_dropout_is_the_plain_gradient():
+    """The two passes are averaged (the loss stays one batch's worth); with nothing to drop they agree and the
+    KL term vanishes."""
+    plain = gradient_after_one_update([rdrop_batch()], 1)
+    rdrop = gradient_after_one_update([rdrop_batch()], 1, train={"rdrop": 5.0})
+    assert plain.keys() == rdrop.keys()
+    for name in plain:
+        torch.testing.assert_close(rdrop[name], plain[name], atol=1e-6, rtol=1e-4)
+
+
+def test_rdrop_gradient_is_that_of_the_papers_loss():
+    """CE1 + CE2 + alpha/2 (KL(p1||p2) + KL(p2||p1)), halved, per target token: recomputed by hand with the
+    same dropout masks, and different from the plain loss's gradient."""
+    alpha, batch = 5.0, rdrop_batch()
+    trained = gradient_after_one_update([batch], 1, model={"dropout": 0.3}, train={"rdrop": alpha})
+    module = tiny_module({"dropout": 0.3})
+    module.train()
+    torch.manual_seed(7)
+    twice = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    logits = module.model.logits(module(twice))
+    p1, p2 = F.log_softmax(logits, -1).chunk(2)
+    keep = batch["tgt_out"] != 0
+    ce = sum(F.cross_entropy(logits_half.transpose(1, 2), batch["tgt_out"], ignore_index=0,
+                             label_smoothing=0.1, reduction="sum") for logits_half in logits.chunk(2))
+    kl = (F.kl_div(p2, p1, log_target=True, reduction="none") + F.kl_div(p1, p2, log_target=True,
+                                                                        reduction="none")).sum(-1)[keep].sum()
+    assert kl > 1e-3
+    ((ce + alpha / 2 * kl) / 2 / batch["ntokens"]).backward()
+    plain = gradient_after_one_update([batch], 1, model={"dropout": 0.3})
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(trained[name], p.grad, atol=1e-6, rtol=1e-4)
+    assert any((trained[name] - plain[name]).abs().max() > 1e-4 for name in plain)

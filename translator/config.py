@@ -201,6 +201,10 @@ class TrainConfig:
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
+    # R-Drop (Liang et al. 2021, not in the paper): each batch runs twice under different dropout and the two
+    # output distributions are pulled together by this weight times their symmetric KL (the paper's alpha;
+    # 5 for its translation runs). Costs a second forward and backward per step. 0: off.
+    rdrop: float = 0.0
     clip_norm: float = 0.0  # 0: no gradient clipping
     precision: str = "32"  # 32 | bf16-mixed | 16-mixed (Lightning's names)
     val_every: int = 1000  # steps between validations (0: once per epoch)
@@ -314,6 +318,8 @@ class Recipe:
              "train.freeze=base trains draft heads onto a trained run: needs model.draft_heads > 0 and "
              "train.init_from (--init-from RUN)"),
             (t.draft_weight >= 0, f"train.draft_weight={t.draft_weight} must not be negative"),
+            (t.rdrop >= 0, f"train.rdrop={t.rdrop} must not be negative (0: off)"),
+            (t.rdrop == 0 or t.freeze == "none", "train.rdrop needs dropout, which train.freeze=base turns off"),
             (self.tokenizer.vocab_size >= 8, f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small"),
             _sampling_check(self.tokenizer.sampling),
             (t.adam_betas is None or (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas)),

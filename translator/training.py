@@ -72,6 +72,13 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: flo
     return _LabelSmoothedCrossEntropy.apply(logits.reshape(-1, vocab), target.reshape(-1), epsilon, pad_id)
 
 
+def symmetric_kl(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Sum over the kept positions of KL(p||q) + KL(q||p), where p and q are the output distributions of the
+    first and second half of the batch (R-Drop's two passes over the same sentences)."""
+    logp, logq = torch.log_softmax(logits.float(), dim=-1).chunk(2)
+    return (((logp.exp() - logq.exp()) * (logp - logq)).sum(-1) * keep).sum()
+
+
 def inverse_sqrt_lr(d_model: int, warmup: int, scale: float = 1.0, cooldown: int = 0, max_steps: int = 0):
     """lrate = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step counting from 1 (Section 5.3).
     With cooldown > 0 (not in the paper), the rate also falls linearly to zero over the last `cooldown` of
@@ -137,8 +144,11 @@ class TranslationModule(L.LightningModule):
         cfg, t = self.recipe.model, self.recipe.train
         if t.freeze == "base":  # the heads learn from the features they will read when decoding: no dropout
             self.model.eval()
+        if t.rdrop:  # both copies in one pass: dropout draws its masks independently per row
+            batch = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         h = self(batch)
-        loss_sum, nll_sum = label_smoothed_loss(self.model.logits(h), batch["tgt_out"], t.label_smoothing, cfg.pad_id)
+        logits = self.model.logits(h)
+        loss_sum, nll_sum = label_smoothed_loss(logits, batch["tgt_out"], t.label_smoothing, cfg.pad_id)
         if cfg.draft_heads:  # multi-token prediction: head k at position i learns target i + k
             targets = batch["tgt_out"]
             heads = [label_smoothed_loss(self.model.logits(g), targets[:, k:], t.label_smoothing, cfg.pad_id)[0]
@@ -146,8 +156,11 @@ class TranslationModule(L.LightningModule):
             # Targets too short for a head: no loss, but a graph (a frozen base has no other).
             heads += [sum(p.sum() for p in head.parameters()) * 0.0 for head in self.model.draft_heads[len(heads):]]
             head_loss = torch.stack(heads).mean()
-            self.log("train/draft_loss", head_loss / batch["ntokens"])
+            self.log("train/draft_loss", head_loss / batch["ntokens"] / (2 if t.rdrop else 1))
             loss_sum = head_loss if t.freeze == "base" else loss_sum + t.draft_weight * head_loss
+        if t.rdrop:  # the paper's loss, CE1 + CE2 + alpha/2 (KL(p1||p2) + KL(p2||p1)), halved: one batch's worth
+            keep = (batch["tgt_out"] != cfg.pad_id).chunk(2)[0]
+            loss_sum, nll_sum = loss_sum / 2 + t.rdrop / 4 * symmetric_kl(logits, keep), nll_sum / 2
         ntokens = batch["ntokens"]
         loss = loss_sum / ntokens  # this batch's mean, for the log
         if not torch.isfinite(loss):  # before any optimizer step: the weights and checkpoints stay good
