@@ -278,7 +278,7 @@ def test_beams_share_their_sentence_memory(told):
 
 
 def test_kv_cache_grows_in_place_and_reorders_like_index_select():
-    from translator.model import KVCache, _moved
+    from translator.cache import KVCache, _moved
 
     cache, expected = KVCache(), torch.empty(3, 2, 0, 4)
     generator = torch.Generator().manual_seed(0)
@@ -299,7 +299,7 @@ def test_kv_cache_grows_in_place_and_reorders_like_index_select():
 
 
 def test_kv_cache_copies_only_the_rows_that_change():
-    from translator.model import KVCache, _moved
+    from translator.cache import KVCache, _moved
 
     cache = KVCache()
     cache.append(torch.stack([torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 3, 2), torch.zeros(4, 1, 3, 2)], dim=1))

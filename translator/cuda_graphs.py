@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .model import KV, DecodeState, DecoderOnly, EncoderDecoder
+from .cache import KV, DecodeState
+from .model import DecoderOnly, EncoderDecoder
 
 
 class StaticKVCache:
