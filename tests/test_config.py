@@ -57,3 +57,15 @@ def test_decoder_only_rejects_encoder_layers():
 def test_round_trip_through_dict():
     cfg = ModelConfig.from_name("small", vocab_size=8000)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("train, message", [
+    (dict(rdrop=-1.0), r"train.rdrop=-1.0 must not be negative"),
+    (dict(cooldown=10, max_steps=10), r"train.cooldown=10 must lie in \[0, max_steps\)"),
+    (dict(rdrop=5.0, freeze="base", init_from="runs/x"), "train.rdrop needs dropout"),
+])
+def test_invalid_training_settings_rejected(train, message):
+    from translator.config import Recipe
+
+    with pytest.raises(ConfigError, match=message):
+        Recipe.from_dict({"model": {"preset": "tiny", "draft_heads": 2}, "train": train})
