@@ -3,10 +3,11 @@ score with sacreBLEU, and save the numbers and a learning curve under benchmarks
 
     python benchmarks/multi30k.py --recipe recipes/multi30k/en_de.yaml --data-dir ../shared/data
 
---reuse takes a finished benchmark run whose training settings equal the recipe's (training is deterministic
-under its seed, so retraining would give the same weights) and redoes only what the decode section
-decides: which checkpoints are averaged, and the test translation. Its training time is the one measured
-when that run trained (saved in RUN_DIR/benchmark_train.json).
+--reuse takes a finished run whose training settings equal the recipe's (training is deterministic under its
+seed, so retraining would give the same weights) and redoes only what the decode section decides: which
+checkpoints are averaged, and the test translation. Its training time is the one measured when that run
+trained: saved in RUN_DIR/benchmark_train.json by this script, or, for a run `translator train` made in one go
+(an ablation run chosen on validation), its log's time at the last validation, which ends the run.
 """
 
 from __future__ import annotations
@@ -64,8 +65,16 @@ def reuse(run_dir: Path, recipe) -> float:
     """Apply the recipe's decode section to a finished run with the same training settings; its train seconds."""
     trained = read_recipe(run_dir)
     record = run_dir / "benchmark_train.json"
-    if not record.is_file():
-        raise SystemExit(f"{run_dir}: no benchmark_train.json; --reuse takes runs this benchmark trained")
+    if record.is_file():
+        train_seconds = json.loads(record.read_text())["train_seconds"]
+    else:  # trained by `translator train` (an ablation run, say): its wall time up to the last validation,
+        logs = sorted((run_dir / "logs").glob("version_*"))  # which ends the run, if it ran in one go
+        curve = learning_curve(run_dir)
+        if len(logs) != 1 or not curve or curve[-1]["step"] != trained.train.max_steps:
+            raise SystemExit(f"{run_dir}: no benchmark_train.json, and its log does not time the whole run "
+                             "(resumed, or no validation at the last step)")
+        prepared = json.loads((run_dir / "data" / "manifest.json").read_text()).get("seconds", {})
+        train_seconds = curve[-1]["seconds"] + sum(prepared.values())  # and the tokenizer and data preparation
     mine, theirs = recipe.to_dict(), trained.to_dict()
     for section in ("model", "data", "tokenizer", "train"):
         a = {k: v for k, v in mine[section].items() if k not in BOOKKEEPING and v is not None}
@@ -77,7 +86,7 @@ def reuse(run_dir: Path, recipe) -> float:
     trained.decode = recipe.decode
     write_recipe(trained, run_dir)
     export_weights(run_dir, recipe.decode.average_last)
-    return json.loads(record.read_text())["train_seconds"]
+    return train_seconds
 
 
 def main() -> None:
