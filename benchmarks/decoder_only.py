@@ -4,7 +4,7 @@ speculative decoding for both with a small draft model on the same vocabulary.
     python benchmarks/decoder_only.py --data-dir ../shared/data --steps 1800 [--device cuda]
 
 Both translation models train with the same settings (recipes/multi30k/en_de.yaml and en_de_decoder_only.yaml:
-same tokenizer, steps, schedule); the decoder-only model reads `BOS source EOS target EOS` with a bidirectional (prefix-LM) source.
+same tokenizer, and the decoder-only recipe's batches, steps and schedule); the decoder-only model reads `BOS source EOS target EOS` with a bidirectional (prefix-LM) source.
 Speculative decoding is timed one sentence at a time, greedy, against the target model's own greedy
 decoding on the same sentences; its output must be identical.
 """
@@ -51,7 +51,11 @@ def train(name: str, args, tokenizer_from: Path | None) -> Path:
     if tokenizer_from is not None:  # one vocabulary for all: drafts must share the target's
         shutil.copyfile(tokenizer_from, run / TOKENIZER)
     path, overrides = MODELS[name]
-    recipe = load_recipe(path)
+    if path == ENCODER_DECODER:  # the decoder-only recipe's batches and schedule for both (en_de.yaml has since
+        shared = load_recipe(DECODER_ONLY).train  # moved to 2048-token batches; this comparison keeps 4096)
+        overrides = overrides + [f"train.{key}={getattr(shared, key)}"
+                                 for key in ("max_tokens", "max_steps", "warmup", "lr_scale", "cooldown")]
+    recipe = load_recipe(path, overrides)
     # The recipe's schedule shrunk to --steps: warmup and cooldown in proportion, and the same peak learning
     # rate (the inverse-sqrt peak grows as warmup^-0.5, so lr_scale shrinks with it).
     t, scale = recipe.train, args.steps / recipe.train.max_steps
