@@ -9,7 +9,8 @@ that run has finished; --run NAME=RUN_DIR adds a finished run trained elsewhere 
 `baseline`). Only validation is read (greedy BLEU at every train.val_every steps, from the run's log): choose
 on validation, and look at test2016 once, at the end, with benchmarks/multi30k.py. Results in
 benchmarks/results/multi30k_ablation.json: per run its overrides, seed, steps, the validation BLEU curve, the
-final validation BLEU and the difference to the baseline of the same seed (or of seed 1).
+final validation BLEU and the difference to the baseline of the same seed (or of seed 1); --against
+NAME=BASELINE compares a row with another run instead (a switch tried on a later recipe).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main() -> None:
                         help="a finished run to include as it is (seed from its recipe)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--baseline", default="baseline", help="the name the others are compared with")
+    parser.add_argument("--against", action="append", default=[], metavar="NAME=BASELINE",
+                        help="compare NAME with the run named BASELINE instead (a switch measured against a later "
+                             "recipe)")
     parser.add_argument("--name", default="multi30k_ablation")
     parser.add_argument("--allow-unfinished", action="store_true",
                         help="record --run directories whose training stopped early, up to their last validation")
@@ -92,10 +96,13 @@ def main() -> None:
         rows.append({"name": name, "overrides": settings, "run_dir": str(run_dir), "finished": done,
                      "seed": read_recipe(run_dir).train.seed, "steps": curve[-1]["step"],
                      "train_seconds": curve[-1]["seconds"], "val_bleu": curve[-1]["val_bleu"], "curve": curve})
-    baselines = {r["seed"]: r for r in rows if r["name"] == args.baseline}
+    against = dict(item.partition("=")[::2] for item in args.against)
     for row in rows:
+        baseline = against.get(row["name"], args.baseline)
+        baselines = {r["seed"]: r for r in rows if r["name"] == baseline}
         base = baselines.get(row["seed"]) or baselines.get(1)
-        if base is not None and row["name"] != args.baseline:
+        if base is not None and row["name"] != baseline:
+            row["baseline"] = baseline
             if row["finished"]:
                 row["val_bleu_change"] = round(row["val_bleu"] - base["val_bleu"], 2)
             # At the same share of the budget (a variant may take more, smaller steps), keyed by the baseline's step.
@@ -105,11 +112,13 @@ def main() -> None:
                 for b in base["curve"] if b["step"] / base["curve"][-1]["step"] in share}
     for row in rows:
         print(f"{row['name']:24s} seed {row['seed']}  val BLEU {row['val_bleu']:6.2f}  "
-              f"{row.get('val_bleu_change', 0):+6.2f}  {row['train_seconds'] / 60:5.1f} min", flush=True)
+              f"{row.get('val_bleu_change', 0):+6.2f} vs {row.get('baseline', '-'):12s} {row['train_seconds'] / 60:5.1f} min",
+              flush=True)
     save_result(args.name, {"runs": rows}, "cpu", recipe=args.recipe,
                 notes="validation BLEU is greedy (train.val_bleu), on the whole validation set; each variant "
-                      "changes only its overrides (listed against today's recipe); the same tokens (steps x tokens per "
-                      "step) as the baseline; train_seconds "
+                      "changes only its overrides (listed against today's recipe) from its baseline; the same tokens "
+                      "(steps x tokens per step) as the baseline, or where a switch makes a step cheaper (vocabulary, "
+                      "d_ff) more steps for about the same time; train_seconds "
                       "is wall time and depends on what else the machine ran")
 
 
