@@ -71,7 +71,8 @@ def main() -> None:
         trained = read_recipe(Path(run_dir)).to_dict()  # its settings where they differ from the recipe's
         differ = [f"{section}.{key}={value}" for section in ("model", "data", "tokenizer", "train")
                   for key, value in trained[section].items()
-                  if key not in ("vocab_size", "seed") and base[section].get(key) != value]
+                  if (section, key) not in (("model", "vocab_size"), ("model", "src_vocab_size"), ("train", "seed"))
+                  and base[section].get(key) != value]
         runs.append((name, differ, Path(run_dir)))
     for item in args.variant:
         name, _, overrides = item.partition("=")
