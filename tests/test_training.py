@@ -331,7 +331,6 @@ def test_a_compiled_run_saves_and_loads_like_any_other(toy_run, tmp_path, monkey
 @pytest.mark.slow
 def test_tokens_per_second_leave_validation_time_out(toy_run, tmp_path, monkeypatch):
     import csv
-    import statistics
     import time
 
     from translator.training import TranslationModule
@@ -339,8 +338,10 @@ def test_tokens_per_second_leave_validation_time_out(toy_run, tmp_path, monkeypa
     data_dir, recipe_path = toy_run
     real_end = TranslationModule.on_validation_epoch_end
 
+    pause = 4.0  # as a long validation would take
+
     def slow_validation(self):
-        time.sleep(1.0)  # as a long validation would take
+        time.sleep(pause)
         real_end(self)
 
     monkeypatch.setattr(TranslationModule, "on_validation_epoch_end", slow_validation)
@@ -351,7 +352,9 @@ def test_tokens_per_second_leave_validation_time_out(toy_run, tmp_path, monkeypa
     after = [float(next(r["tok_s"] for r in rows[i + 1:] if r.get("tok_s")))  # the first rate after each validation
              for i, row in enumerate(rows[:-1]) if row.get("val/loss")]
     assert len(rates) >= 9 and len(after) == 2
-    assert min(after) > 0.2 * statistics.median(rates), (after, rates)
+    # A rate that counted the pause is below max_tokens / pause (500 tok/s); a toy step takes milliseconds, so its
+    # own rate is far above that even on a loaded machine (a bound relative to the other steps' rates was not).
+    assert min(after) > load_recipe(recipe_path).train.max_tokens / pause, (after, rates)
 
 
 @pytest.mark.slow
