@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,7 +88,17 @@ def test_a_stale_or_mismatched_store_is_refused(toy, tmp_path):
     # Settings that do not decide the store's contents may differ.
     open_store(tmp_path / "store", load_recipe(recipe_file, ["train.seed=9", "model.d_model=64"]), data_dir)
     train_en = data_dir / "toy/train.en"
-    train_en.write_text(train_en.read_text() + "one more line\n")
+    # A copy of the corpus (new times, another directory) is the same corpus: compared by content.
+    moved = tmp_path / "copied"
+    shutil.copytree(data_dir, moved)
+    os.utime(moved / "toy/train.en", ns=(1, 1))
+    open_store(tmp_path / "store", load_recipe(recipe_file), moved)
+    # The same size and path with other contents is not.
+    text = train_en.read_text()
+    train_en.write_text(text.replace("a", "b", 1) if "a" in text else "b" + text[1:])
+    with pytest.raises(StoreError, match=r"train.en changed since the store was prepared"):
+        open_store(tmp_path / "store", load_recipe(recipe_file), data_dir)
+    train_en.write_text(text + "one more line\n")
     with pytest.raises(StoreError, match=r"train.en changed since the store was prepared"):
         open_store(tmp_path / "store", load_recipe(recipe_file), data_dir)
     other = Tokenizer.train(read_lines(data_dir / "toy/train.de"), tmp_path / "other.model", vocab_size=350)

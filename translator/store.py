@@ -82,7 +82,22 @@ def _sources(recipe: Recipe, data_dir: str | os.PathLike | None, hub: bool = Tru
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unchanged(now: dict[str, Any], then: dict[str, Any] | None) -> bool:
+    """Whether a corpus file is the one a store was prepared from. A copy (another node, a restored backup, cp
+    without -p) keeps the bytes but not the path or time, so a file of the same size at another path or time is
+    compared by content; stores prepared before contents were recorded go by path and time alone."""
+    if then is None or now["bytes"] != then["bytes"]:
+        return False
+    if now["path"] == then["path"] and now["mtime_ns"] == then["mtime_ns"]:
+        return True
+    return "sha256" in then and _sha256(Path(now["path"])) == then["sha256"]
 
 
 # -- Preparing ----------------------------------------------------------------------------------------------------
@@ -258,6 +273,9 @@ def prepare(recipe: Recipe, data_dir: str | os.PathLike | None, out: str | os.Pa
                 splits[split] = _write_text(iter_text_lines(spec, d.tgt_lang, data_dir), tokenizer, tmp, split,
                                             id_dtype, chunk, threads)
         timings["tokenize_s"] = time.perf_counter() - start
+        for split_sources in sources.values():
+            for source in split_sources:
+                source["sha256"] = _sha256(Path(source["path"]))
         manifest = {"format": FORMAT, "settings": cfg, "sources": sources, "id_dtype": id_dtype.name,
                     "tokenizer_sha256": _sha256(tmp / TOKENIZER), "tokenizer_sample": sampled, "splits": splits,
                     "seconds": {k: round(v, 2) for k, v in timings.items()}}
@@ -436,8 +454,13 @@ def open_store(directory: str | os.PathLike, recipe: Recipe | None = None,
             now = _sources(recipe, data_dir, hub=False)
         except DataError:
             now = None  # the corpus files are not here (another machine, no --data-dir): nothing to compare
-        if now is not None and now != manifest["sources"]:
-            changed = [s["path"] for split in now for s in now[split] if s not in manifest["sources"].get(split, [])]
-            raise StoreError(f"{directory}: {', '.join(changed) or 'the corpus files'} changed since the store was "
+        then = manifest["sources"]
+        if now is not None and (set(now) != set(then) or any(len(now[split]) != len(then[split]) for split in now)):
+            raise StoreError(f"{directory}: the recipe's corpus files are not the ones the store was prepared from; "
+                             "prepare it again")
+        changed = [] if now is None else [a["path"] for split in now for a, b in zip(now[split], then[split])
+                                          if not _unchanged(a, b)]
+        if changed:
+            raise StoreError(f"{directory}: {', '.join(changed)} changed since the store was "
                              "prepared; prepare it again")
     return Store(directory, manifest)
