@@ -94,6 +94,9 @@ def main() -> None:
         if not done and not args.allow_unfinished:
             raise SystemExit(f"{run_dir}: training did not finish (--allow-unfinished records it as far as it got)")
         curve = validation_curve(run_dir)
+        if not curve:
+            print(f"{run_dir}: no validation yet; left out", flush=True)
+            continue
         rows.append({"name": name, "overrides": settings, "run_dir": str(run_dir), "finished": done,
                      "seed": read_recipe(run_dir).train.seed, "steps": curve[-1]["step"],
                      "train_seconds": curve[-1]["seconds"], "val_bleu": curve[-1]["val_bleu"], "curve": curve})
@@ -103,7 +106,7 @@ def main() -> None:
         baselines = {r["seed"]: r for r in rows if r["name"] == baseline}
         base = baselines.get(row["seed"]) or baselines.get(1)
         if base is not None and row["name"] != baseline:
-            row["baseline"] = baseline
+            row["baseline"], row["baseline_seed"] = baseline, base["seed"]
             if row["finished"]:
                 row["val_bleu_change"] = round(row["val_bleu"] - base["val_bleu"], 2)
             # At the same share of the budget (a variant may take more, smaller steps), keyed by the baseline's step.
@@ -111,11 +114,23 @@ def main() -> None:
             row["val_bleu_change_by_baseline_step"] = {
                 str(b["step"]): round(share[b["step"] / base["curve"][-1]["step"]]["val_bleu"] - b["val_bleu"], 2)
                 for b in base["curve"] if b["step"] / base["curve"][-1]["step"] in share}
+    # Two seeds where a difference is small: a switch's effect is the mean of its differences to the baseline of
+    # the same seed.
+    summary = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        changes = {r["seed"]: r["val_bleu_change"] for r in rows if r["name"] == name and "val_bleu_change" in r
+                   and r["baseline_seed"] == r["seed"]}
+        if changes:
+            mean = sum(changes.values()) / len(changes)
+            summary[name] = {"seeds": sorted(changes), "val_bleu_change_mean": round(mean, 2)}
     for row in rows:
         print(f"{row['name']:24s} seed {row['seed']}  val BLEU {row['val_bleu']:6.2f}  "
               f"{row.get('val_bleu_change', 0):+6.2f} vs {row.get('baseline', '-'):12s} {row['train_seconds'] / 60:5.1f} min",
               flush=True)
-    save_result(args.name, {"runs": rows}, "cpu", recipe=args.recipe,
+    for name, entry in summary.items():
+        if len(entry["seeds"]) > 1:
+            print(f"{name:24s} mean over seeds {entry['seeds']}: {entry['val_bleu_change_mean']:+.2f}")
+    save_result(args.name, {"runs": rows, "summary": summary}, "cpu", recipe=args.recipe,
                 notes="validation BLEU is greedy (train.val_bleu), on the whole validation set; each variant "
                       "changes only its overrides (listed against today's recipe) from its baseline; the same tokens "
                       "(steps x tokens per step) as the baseline, or where a switch makes a step cheaper (vocabulary, "
