@@ -9,7 +9,8 @@ that run has finished; --run NAME=RUN_DIR adds a finished run trained elsewhere 
 `baseline`). Only validation is read (greedy BLEU at every train.val_every steps, from the run's log): choose
 on validation, and look at test2016 once, at the end, with benchmarks/multi30k.py. Results in
 benchmarks/results/multi30k_ablation.json: per run its overrides, seed, steps, the validation BLEU curve, the
-final validation BLEU and the difference to the baseline of the same seed (or of seed 1); --against
+final validation BLEU and the difference to the baseline of the same seed (or of seed 1), and per switch the
+mean of its differences to baselines of the same seed (`summary`: two seeds where a difference is small); --against
 NAME=BASELINE compares a row with another run instead (a switch tried on a later recipe).
 """
 
