@@ -38,7 +38,7 @@ def run_ours(model, sources, beam, batch_tokens, cuda_graphs=False):
 
 
 @torch.no_grad()
-def run_hf(hf, sources, beam, batch_tokens, cfg, device):
+def run_hf(hf, sources, beam, batch_tokens, cfg, device, **generate_kwargs):
     out = [None] * len(sources)
     for batch in batches_by_length([len(s) + 1 for s in sources], batch_tokens):
         width = max(len(sources[i]) for i in batch) + 1
@@ -46,7 +46,7 @@ def run_hf(hf, sources, beam, batch_tokens, cfg, device):
                            dtype=torch.long, device=device)
         generated = hf.generate(input_ids=ids, attention_mask=(ids != cfg.pad_id).long(), num_beams=beam,
                                 do_sample=False, max_new_tokens=width + 50, length_penalty=1.0, early_stopping=False,
-                                suppress_tokens=[cfg.pad_id, cfg.bos_id], num_return_sequences=1)
+                                suppress_tokens=[cfg.pad_id, cfg.bos_id], num_return_sequences=1, **generate_kwargs)
         for row, i in enumerate(batch):
             tokens = generated[row, 1:].tolist()  # drop the decoder start token
             out[i] = tokens[:tokens.index(cfg.eos_id)] if cfg.eos_id in tokens else tokens

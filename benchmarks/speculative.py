@@ -11,7 +11,11 @@ Then decodes the same sentences with plain greedy and with `--speculate heads`, 
 (latency) and in 4096-token batches (throughput), with float32 linear layers as trained and (on the CPU)
 prepacked for oneDNN (`--prepack`), taking turns within each repeat.
 Counts lines that differ from plain greedy (must be 0), mean tokens per verification pass, acceptance, and BLEU.
-With --draft RUN, also the draft-model path (one sentence at a time). Results in
+With --draft RUN, also the draft-model path (a separate small model on the same tokenizer proposing --draft-k
+tokens), one sentence at a time and batched; with --hf as well, the outside reference where it applies: the
+same weights copied into Hugging Face MarianMT (translator.export.to_marian), `generate` greedy against
+`generate(assistant_model=the draft)` one sentence at a time (assisted generation takes one sentence per call),
+with Hugging Face's default draft length schedule and with a constant --draft-k. Results in
 benchmarks/results/speculative_<device>.json; speedup_batch1 and speedup_batched are heads over plain greedy
 with float32 layers, the _prepacked ones with prepacked layers.
 """
@@ -19,6 +23,7 @@ with float32 layers, the _prepacked ones with prepacked layers.
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 import time
@@ -64,6 +69,37 @@ def train_heads(run: str, out: Path, heads: int, steps: int, data_dir: str, devi
     return time.perf_counter() - start
 
 
+def hf_reference(model, draft, sources: list[list[int]], args, best: dict, outputs: dict, metrics: dict) -> None:
+    """Hugging Face's assisted generation on the same weights, one sentence at a time: greedy alone, then with
+    the draft as `assistant_model`, under its default schedule (the draft length adapts to acceptance, and the
+    draft stops early below a confidence threshold) and with a constant draft of --draft-k tokens."""
+    from decode_speed import run_hf
+    from hf_marian import to_marian
+
+    hf, hf_draft = to_marian(model).to(args.device), to_marian(draft).to(args.device)
+    default = hf_draft.generation_config
+    constant = copy.deepcopy(default)
+    constant.num_assistant_tokens, constant.num_assistant_tokens_schedule = args.draft_k, "constant"
+    constant.assistant_confidence_threshold = 0.0
+    systems = {"hf_greedy": {}, "hf_assisted": {"assistant_model": hf_draft, "config": default},
+               "hf_assisted_constant": {"assistant_model": hf_draft, "config": constant}}
+    for _ in range(args.repeats):
+        for name, kwargs in systems.items():
+            if "config" in kwargs:
+                hf_draft.generation_config = copy.deepcopy(kwargs["config"])  # the heuristic schedule adapts it
+            start = time.perf_counter()
+            out = run_hf(hf, sources, 1, 1, model.cfg, args.device,
+                         **({"assistant_model": kwargs["assistant_model"]} if kwargs else {}))
+            seconds = time.perf_counter() - start
+            best[name, "batch1"] = min(seconds, best.get((name, "batch1"), float("inf")))
+            outputs[name, "batch1"] = out
+            print(f"batch1   {name:20s} {seconds:7.2f}s  {len(sources) / seconds:7.1f} sent/s", flush=True)
+    metrics["hf_greedy_lines_differing_from_ours"] = sum(a != b for a, b in zip(outputs["hf_greedy", "batch1"],
+                                                                                outputs["greedy", "batch1"]))
+    metrics["hf_draft_num_assistant_tokens_default"] = default.num_assistant_tokens
+    metrics["hf_draft_schedule_default"] = default.num_assistant_tokens_schedule
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="runs/bench_multi30k_en_de", help="a trained run directory")
@@ -74,6 +110,9 @@ def main() -> None:
     parser.add_argument("--distill", action="store_true",
                         help="train the heads on the model's own greedy translations of the training sources")
     parser.add_argument("--draft", help="also a separate draft model (run directory) on the same tokenizer")
+    parser.add_argument("--draft-k", type=int, default=4, help="tokens the draft model proposes per pass")
+    parser.add_argument("--hf", action="store_true",
+                        help="with --draft: Hugging Face greedy and assisted generation on the copied weights")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--sentences", type=int, default=1000)
@@ -111,6 +150,9 @@ def main() -> None:
         suffix = "" if form == "float32" else f"_{form}"
         systems["greedy" + suffix] = lambda options, m=m: ([o[0] for o in translate_ids(m, sources, options, mode="greedy")], None)
         systems["heads" + suffix] = lambda options, m=m: self_speculative_ids(m, sources, options)
+    if args.draft:
+        draft = load_model(args.draft, args.device)[0]
+        systems["draft_model"] = lambda options: speculative_ids(model, draft, sources, options, k=args.draft_k)
     best: dict = {}
     outputs: dict = {}
     for _ in range(args.repeats):  # turns within each repeat: a slow spell of the machine falls on all alike
@@ -124,14 +166,13 @@ def main() -> None:
                 if stats is not None and name == "heads":
                     metrics[f"tokens_per_pass_{setting}"] = round(stats.tokens_per_pass, 3)
                     metrics[f"acceptance_{setting}"] = round(stats.accepted / max(stats.proposed, 1), 3)
+                if name == "draft_model":
+                    metrics[f"draft_model_acceptance_{setting}"] = round(stats, 3)
                 print(f"{setting:8s} {name:16s} {seconds:7.2f}s  {len(lines) / seconds:7.1f} sent/s", flush=True)
-    if args.draft:
-        draft = load_model(args.draft, args.device)[0]
-        start = time.perf_counter()
-        out, rate = speculative_ids(model, draft, sources, DecodeConfig(beam=1), k=4)
-        best["draft_model", "batch1"] = time.perf_counter() - start
-        outputs["draft_model", "batch1"] = out
-        metrics["draft_model_acceptance"] = round(rate, 3)
+    if args.hf:
+        if not args.draft:
+            raise SystemExit("--hf compares assisted generation with a draft model: give --draft RUN")
+        hf_reference(model, draft, sources, args, best, outputs, metrics)
 
     import sacrebleu
 
@@ -140,7 +181,8 @@ def main() -> None:
         metrics[f"{name}_{setting}_seconds"] = round(seconds, 3)
         metrics[f"{name}_{setting}_sentences_per_second"] = round(len(lines) / seconds, 1)
         out = outputs[name, setting]
-        greedy = "greedy_prepacked" if name.endswith("_prepacked") else "greedy"  # the same layers' greedy
+        greedy = "greedy_prepacked" if name.endswith("_prepacked") else "hf_greedy" if name.startswith("hf_") \
+            else "greedy"  # the same layers' greedy, in the same library
         metrics[f"{name}_{setting}_lines_differing_from_greedy"] = sum(
             a != b for a, b in zip(out, outputs[greedy, setting if (greedy, setting) in outputs else "batch1"]))
         metrics[f"{name}_{setting}_bleu"] = round(bleu.corpus_score(tokenizer.decode(out), [refs]).score, 2)
@@ -149,6 +191,10 @@ def main() -> None:
         suffix = "" if form == "float32" else f"_{form}"
         for setting in settings:
             metrics[f"speedup_{setting}{suffix}"] = round(best["greedy" + suffix, setting] / best["heads" + suffix, setting], 2)
+    for setting in settings if args.draft else ():
+        metrics[f"speedup_draft_model_{setting}"] = round(best["greedy", setting] / best["draft_model", setting], 2)
+    for name in ("hf_assisted", "hf_assisted_constant") if args.hf else ():
+        metrics[f"speedup_{name}_batch1"] = round(best["hf_greedy", "batch1"] / best[name, "batch1"], 2)
     save_result(args.name or f"speculative_{args.device}", metrics, args.device, model=args.model,
                 notes="greedy and heads decode the same sentences in turn within each repeat; the fastest repeat "
                       "counts; the main head's weights are the model's own (heads trained with the base frozen"
