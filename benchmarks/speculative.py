@@ -15,7 +15,7 @@ With --draft RUN, also the draft-model path (a separate small model on the same 
 tokens), one sentence at a time and batched; with --hf as well, the outside reference where it applies: the
 same weights copied into Hugging Face MarianMT (translator.export.to_marian), `generate` greedy against
 `generate(assistant_model=the draft)` one sentence at a time (assisted generation takes one sentence per call),
-with Hugging Face's default draft length schedule and with a constant --draft-k. Results in
+with the draft's default generation settings and with a constant --draft-k tokens per pass. Results in
 benchmarks/results/speculative_<device>.json; speedup_batch1 and speedup_batched are heads over plain greedy
 with float32 layers, the _prepacked ones with prepacked layers.
 """
@@ -71,8 +71,9 @@ def train_heads(run: str, out: Path, heads: int, steps: int, data_dir: str, devi
 
 def hf_reference(model, draft, sources: list[list[int]], args, best: dict, outputs: dict, metrics: dict) -> None:
     """Hugging Face's assisted generation on the same weights, one sentence at a time: greedy alone, then with
-    the draft as `assistant_model`, under its default schedule (the draft length adapts to acceptance, and the
-    draft stops early below a confidence threshold) and with a constant draft of --draft-k tokens."""
+    the draft as `assistant_model`, under the draft's default generation settings (recorded in the metrics; in
+    transformers 4.57 up to 20 tokens a pass, the draft stopping early where its confidence falls under an
+    adaptive threshold) and with a constant --draft-k tokens a pass and no early stop, as translator's draft does."""
     from decode_speed import run_hf
     from hf_marian import to_marian
 
@@ -98,6 +99,7 @@ def hf_reference(model, draft, sources: list[list[int]], args, best: dict, outpu
                                                                                 outputs["greedy", "batch1"]))
     metrics["hf_draft_num_assistant_tokens_default"] = default.num_assistant_tokens
     metrics["hf_draft_schedule_default"] = default.num_assistant_tokens_schedule
+    metrics["hf_draft_confidence_threshold_default"] = default.assistant_confidence_threshold
 
 
 def main() -> None:
@@ -196,6 +198,7 @@ def main() -> None:
     for name in ("hf_assisted", "hf_assisted_constant") if args.hf else ():
         metrics[f"speedup_{name}_batch1"] = round(best["hf_greedy", "batch1"] / best[name, "batch1"], 2)
     save_result(args.name or f"speculative_{args.device}", metrics, args.device, model=args.model,
+                extra_versions=("transformers",) if args.hf else (),
                 notes="greedy and heads decode the same sentences in turn within each repeat; the fastest repeat "
                       "counts; the main head's weights are the model's own (heads trained with the base frozen"
                       + (", on its own greedy translations)" if args.distill else ")"))
