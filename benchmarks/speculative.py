@@ -82,15 +82,15 @@ def hf_reference(model, draft, sources: list[list[int]], args, best: dict, outpu
     constant = copy.deepcopy(default)
     constant.num_assistant_tokens, constant.num_assistant_tokens_schedule = args.draft_k, "constant"
     constant.assistant_confidence_threshold = 0.0
-    systems = {"hf_greedy": {}, "hf_assisted": {"assistant_model": hf_draft, "config": default},
-               "hf_assisted_constant": {"assistant_model": hf_draft, "config": constant}}
+    systems = {"hf_greedy": None, "hf_assisted": default, "hf_assisted_constant": constant}  # the draft's settings
     for _ in range(args.repeats):
-        for name, kwargs in systems.items():
-            if "config" in kwargs:
-                hf_draft.generation_config = copy.deepcopy(kwargs["config"])  # assisted generation adapts it
+        for name, config in systems.items():
+            assisted = {}
+            if config is not None:
+                hf_draft.generation_config = copy.deepcopy(config)  # assisted generation adapts it as it runs
+                assisted = {"assistant_model": hf_draft}
             start = time.perf_counter()
-            out = run_hf(hf, sources, 1, 1, model.cfg, args.device,
-                         **({"assistant_model": kwargs["assistant_model"]} if kwargs else {}))
+            out = run_hf(hf, sources, 1, 1, model.cfg, args.device, **assisted)
             seconds = time.perf_counter() - start
             best[name, "batch1"] = min(seconds, best.get((name, "batch1"), float("inf")))
             outputs[name, "batch1"] = out
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--name", help="result name (default: speculative_<device>)")
     args = parser.parse_args()
+    if args.hf and not args.draft:
+        parser.error("--hf compares assisted generation with a draft model: give --draft RUN")
 
     metrics: dict = {}
     heads_run = args.heads_run
@@ -170,8 +172,6 @@ def main() -> None:
                     metrics[f"draft_model_acceptance_{setting}"] = round(stats, 3)
                 print(f"{setting:8s} {name:16s} {seconds:7.2f}s  {len(lines) / seconds:7.1f} sent/s", flush=True)
     if args.hf:
-        if not args.draft:
-            raise SystemExit("--hf compares assisted generation with a draft model: give --draft RUN")
         hf_reference(model, draft, sources, args, best, outputs, metrics)
 
     import sacrebleu
