@@ -122,3 +122,18 @@ def test_speculate_heads_translates_as_greedy(toy_heads_dir, toy_source, tmp_pat
     assert lines_of(tmp_path / "fast.de") == lines_of(tmp_path / "greedy.de")
     code, _, err = run(["translate", "--model", toy_heads_dir, "-i", toy_source, "--speculate", "heads"], capsys)
     assert code == 1 and "pass --beam 1 or --sample" in err
+
+
+@pytest.mark.parametrize("speculation", [["--speculate", "heads"], ["--draft", "DRAFT"]])
+def test_speculation_refuses_int8(toy_heads_dir, toy_source, tmp_path, capsys, speculation):
+    """int8 rounds a K + 1-row verification pass otherwise than greedy's one row, so speculation could not keep
+    its promise of greedy's output: refused before anything is loaded or written."""
+    speculation = [toy_heads_dir if arg == "DRAFT" else arg for arg in speculation]
+    out = tmp_path / "out.de"
+    code, _, err = run(["translate", "--model", toy_heads_dir, "-i", toy_source, "-o", out, "--beam", 1, "--int8",
+                        "--device", "cpu", *speculation], capsys)
+    assert code == 1 and "with --int8 would not give greedy's output" in err and "--prepack" in err
+    assert not out.exists()
+    code, _, err = run(["generate", "--model", toy_heads_dir, "--prompt", "a", "--greedy", "--int8", "--device", "cpu",
+                        "--speculate", "heads"], capsys)
+    assert code == 1 and "--speculate heads with --int8" in err

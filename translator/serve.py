@@ -9,7 +9,8 @@
 Requests that arrive together are translated together: one worker thread takes the first waiting request, then
 gathers others for up to `max_wait_ms` or until `batch_tokens` source tokens are waiting, and translates those
 with the same decoding options in one call (sorted by length and batched by tokens as `translate` does). Every
-reply equals what `translate` gives for that sentence: the searches are batch-invariant.
+reply equals what `translate` gives for that sentence: the searches are batch-invariant (in float32 and with
+--prepack; not with --int8, whose dynamic quantization rounds a batch's activations with one scale).
 
 Why FastAPI and uvicorn rather than LitServe: LitServe batches a fixed number of requests per call, in worker
 processes; a translation batch wants a token budget, may only mix requests with the same decoding options, and
