@@ -246,6 +246,10 @@ class DecodeConfig:
     # Decoding steps replayed from CUDA graphs (translator/cuda_graphs.py): one launch per step instead of one per
     # operation. On CPU the same fixed-shape steps run uncaptured, slower than the default.
     cuda_graphs: bool = False
+    # Minimum Bayes risk decoding (translator/mbr.py; not in the paper): beam search keeps its `mbr` best, and the
+    # one with the highest expected utility (sentence BLEU or chrF) against the others is output. 0: off.
+    mbr: int = 0
+    mbr_utility: str = "bleu"
 
 
 SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "train": TrainConfig, "decode": DecodeConfig}
@@ -294,6 +298,8 @@ class Recipe:
             (t.val_bleu in ("greedy", "beam", "none"), f"train.val_bleu={t.val_bleu!r}: expected greedy, beam or none"),
             (d.lp_form in ("gnmt", "length"), f"decode.lp_form={d.lp_form!r}: expected gnmt or length"),
             (d.beam_stop in ("early", "optimal"), f"decode.beam_stop={d.beam_stop!r}: expected early or optimal"),
+            (d.mbr == 0 or d.mbr >= 2, f"decode.mbr={d.mbr}: expected 0 (off) or at least 2 candidates"),
+            (d.mbr_utility in ("bleu", "chrf"), f"decode.mbr_utility={d.mbr_utility!r}: expected bleu or chrf"),
             (self.data.task != "translation" or self.data.src_lang != self.data.tgt_lang,
              f"data.src_lang and data.tgt_lang are both {self.data.tgt_lang!r}: a translation needs two languages"),
             (not (self.data.task == "lm" and self.model.prefix_lm), "model.prefix_lm applies to translation "

@@ -28,12 +28,15 @@ def _decode_options(recipe, args):
     import dataclasses
 
     options = dataclasses.replace(recipe.decode)
-    for name in ("beam", "lenpen", "lp_form", "max_len_a", "max_len_b", "batch_tokens", "beam_stop", "cuda_graphs"):
+    for name in ("beam", "lenpen", "lp_form", "max_len_a", "max_len_b", "batch_tokens", "beam_stop", "cuda_graphs",
+                 "mbr", "mbr_utility"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(options, name, value)
     if options.beam < 1 or options.batch_tokens < 1:
         raise ValueError("--beam and --batch-tokens must be positive")
+    if options.mbr == 1 or options.mbr < 0:
+        raise ValueError(f"--mbr {options.mbr}: MBR chooses among at least 2 candidates (0: off)")
     if options.max_len_a < 0 or options.max_len_b < 0 or options.max_len_a == options.max_len_b == 0:
         raise ValueError(f"--max-len-a {options.max_len_a} --max-len-b {options.max_len_b}: the output limit "
                          "a * source length + b needs a, b >= 0, not both 0 (else every output is empty)")
@@ -118,8 +121,11 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
     _refuse_int8_speculation(args)
     model, tokenizer, recipe = _load_for_translation(args)
     options = _decode_options(recipe, args)
-    if args.nbest > options.beam and not args.sample:
+    if args.nbest > options.beam and not args.sample and not options.mbr:
         raise ValueError(f"--nbest {args.nbest} exceeds --beam {options.beam}")
+    if options.mbr and (args.sample or args.speculate or args.draft):
+        raise ValueError("--mbr chooses among beam search's candidates; drop --sample, --speculate and --draft "
+                         "(or set --mbr 0 where the recipe turns it on)")
     if args.alignments and args.nbest > 1:
         raise ValueError("--alignments links the best translation only; drop --nbest")
     mode, sampling = _mode(args, options)

@@ -1,0 +1,86 @@
+"""MBR decoding against beam search on a run's validation (or test) split: corpus sacreBLEU and chrF of beam
+search's best, and of the MBR choice among its N best for each N and utility, from one search per N.
+
+    python benchmarks/mbr.py --model runs/bench_multi30k_en_de --data-dir ../shared/data --sizes 4 8 16
+
+Also reports MBR with the candidates weighted by the model (exp of each hypothesis' search score, normalised
+over the N best) beside the uniform weights `translate --mbr` uses, and the seconds each part takes.
+Choose on validation (the default split); look at test once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_result  # noqa: E402
+
+from translator.checkpoint import load_model  # noqa: E402
+from translator.data import load_corpus  # noqa: E402
+from translator.inference import translate_hypotheses  # noqa: E402
+from translator.lines import one_line  # noqa: E402
+from translator.mbr import expected_utility  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a run directory")
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--split", default="valid", choices=["valid", "test"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16], help="candidates (beam size) per setting")
+    ap.add_argument("--sentences", type=int, default=0, help="the first N sentences only (0: all)")
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args()
+
+    import dataclasses
+
+    import sacrebleu
+    import torch
+
+    torch.manual_seed(0)
+    model, tokenizer, recipe = load_model(args.model, "cpu")
+    corpus = load_corpus(getattr(recipe.data, args.split), recipe.data.src_lang, recipe.data.tgt_lang, args.data_dir)
+    src, refs = list(corpus.src), list(corpus.tgt)
+    if args.sentences:
+        src, refs = src[:args.sentences], refs[:args.sentences]
+    ids = tokenizer.encode([s.strip() for s in src])
+
+    def score(hyps: list[str]) -> dict:
+        return {"bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2),
+                "chrf": round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2)}
+
+    metrics: dict = {"sentences": len(src), "split": args.split, "lenpen": recipe.decode.lenpen,
+                     "lp_form": recipe.decode.lp_form}
+    signature = str(sacrebleu.BLEU().get_signature())
+    for n in dict.fromkeys([recipe.decode.beam, *args.sizes]):  # the recipe's beam first, for its best
+        options = dataclasses.replace(recipe.decode, beam=n, mbr=0)
+        start = time.perf_counter()
+        found = translate_hypotheses(model, ids, options, mode="beam", nbest=n)
+        search_s = time.perf_counter() - start
+        texts = [[one_line(t) for t in tokenizer.decode([h.tokens for h in hyps])] for hyps in found]
+        row = {"search_s": round(search_s, 1), "beam_best": score([t[0] for t in texts])}
+        for utility in ("bleu", "chrf"):
+            start = time.perf_counter()
+            gains = [expected_utility(t, utility) for t in texts]
+            row[f"mbr_{utility}_s"] = round(time.perf_counter() - start, 1)
+            chosen = [t[max(range(len(t)), key=g.__getitem__)] for t, g in zip(texts, gains)]
+            row[f"mbr_{utility}"] = score(chosen)
+            row[f"mbr_{utility}_changed"] = sum(c != t[0] for c, t in zip(chosen, texts))
+        weighted = []
+        for t, hyps in zip(texts, found):
+            top = max(h.score for h in hyps)
+            g = expected_utility(t, "bleu", [math.exp(h.score - top) for h in hyps])
+            weighted.append(t[max(range(len(t)), key=g.__getitem__)])
+        row["mbr_bleu_weighted"] = score(weighted)
+        metrics[f"beam_{n}"] = row
+        print(n, row, flush=True)
+    name = args.name or f"mbr_{Path(args.model).name}_{args.split}"
+    save_result(name, metrics, "cpu", bleu_signature=signature)
+
+
+if __name__ == "__main__":
+    main()
