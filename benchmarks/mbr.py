@@ -3,15 +3,15 @@ search's best, and of the MBR choice among its N best for each N and utility, fr
 
     python benchmarks/mbr.py --model runs/bench_multi30k_en_de --data-dir ../shared/data --sizes 4 8 16
 
-Also reports MBR with the candidates weighted by the model (exp of each hypothesis' search score, normalised
-over the N best) beside the uniform weights `translate --mbr` uses, and the seconds each part takes.
+For BLEU, with both weightings of the candidates as references: uniform (`mbr_bleu`) and the model's
+(`mbr_bleu_weighted`: the softmax of the search scores over the N best, `translate --mbr`'s default); and the
+seconds each part takes.
 Choose on validation (the default split); look at test once.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,7 +23,7 @@ from translator.checkpoint import load_model  # noqa: E402
 from translator.data import load_corpus  # noqa: E402
 from translator.inference import translate_hypotheses  # noqa: E402
 from translator.lines import one_line  # noqa: E402
-from translator.mbr import expected_utility  # noqa: E402
+from translator.mbr import expected_utility, model_weights  # noqa: E402
 
 
 def main() -> None:
@@ -49,13 +49,14 @@ def main() -> None:
         src, refs = src[:args.sentences], refs[:args.sentences]
     ids = tokenizer.encode([s.strip() for s in src])
 
+    bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
+
     def score(hyps: list[str]) -> dict:
-        return {"bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2),
-                "chrf": round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2)}
+        return {"bleu": round(bleu.corpus_score(hyps, [refs]).score, 2),
+                "chrf": round(chrf.corpus_score(hyps, [refs]).score, 2)}
 
     metrics: dict = {"sentences": len(src), "split": args.split, "lenpen": recipe.decode.lenpen,
                      "lp_form": recipe.decode.lp_form}
-    signature = str(sacrebleu.BLEU().get_signature())
     for n in dict.fromkeys([recipe.decode.beam, *args.sizes]):  # the recipe's beam first, for its best
         options = dataclasses.replace(recipe.decode, beam=n, mbr=0)
         start = time.perf_counter()
@@ -72,14 +73,13 @@ def main() -> None:
             row[f"mbr_{utility}_changed"] = sum(c != t[0] for c, t in zip(chosen, texts))
         weighted = []
         for t, hyps in zip(texts, found):
-            top = max(h.score for h in hyps)
-            g = expected_utility(t, "bleu", [math.exp(h.score - top) for h in hyps])
+            g = expected_utility(t, "bleu", model_weights([h.score for h in hyps]))
             weighted.append(t[max(range(len(t)), key=g.__getitem__)])
         row["mbr_bleu_weighted"] = score(weighted)
         metrics[f"beam_{n}"] = row
         print(n, row, flush=True)
     name = args.name or f"mbr_{Path(args.model).name}_{args.split}"
-    save_result(name, metrics, "cpu", bleu_signature=signature)
+    save_result(name, metrics, "cpu", bleu_signature=str(bleu.get_signature()))
 
 
 if __name__ == "__main__":

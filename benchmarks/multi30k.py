@@ -142,6 +142,7 @@ def main() -> None:
         "steps": last["global_step"],
         "decode_seconds": report["seconds"],
         "beam": report["beam"], "lenpen": report["lenpen"], "lp_form": report["lp_form"],
+        "mbr": report.get("mbr", 0), "mbr_weights": report.get("mbr_weights", "model"),
         "averaged_checkpoints": averaged,
         "learning_curve": curve,
     }, recipe=args.recipe, run_dir=str(run_dir), plot=str(plot_path.relative_to(RESULTS.parent.parent)))

@@ -2,11 +2,15 @@
 brute-force expected utility, and `translate --mbr` end to end on the toy model."""
 
 import collections
+import dataclasses
+import math
 
 import pytest
 from sacrebleu.metrics import BLEU, CHRF
 
+from translator.checkpoint import load_model
 from translator.cli import main
+from translator.lines import translate_lines
 from translator.mbr import expected_utility, mbr_order
 
 SENTENCES = [
@@ -47,44 +51,55 @@ def test_the_consensus_candidate_wins_and_ties_keep_the_models_order():
         mbr_order(SENTENCES, "ter")
 
 
-def read_nbest(path):
-    found = collections.defaultdict(list)
-    for line in path.read_text(encoding="utf-8").splitlines():
-        i, text, _ = line.split(" ||| ")
-        found[int(i)].append(text)
-    return found
-
-
 def test_translate_mbr_outputs_the_best_of_the_nbest_by_expected_bleu(toy_model_dir, tmp_path, capsys):
     run_dir, data_dir = toy_model_dir
     lines = (data_dir / "toy/valid.en").read_text().splitlines()[:30]
+    lines = lines[:10] + [""] + lines[10:]
     source = tmp_path / "in.en"
-    source.write_text("".join(line + "\n" for line in lines[:10] + [""] + lines[10:]))
-    assert main(["translate", "--model", str(run_dir), "-i", str(source), "-o", str(tmp_path / "nbest"),
-                 "--beam", "5", "--nbest", "5"]) == 0
-    assert main(["translate", "--model", str(run_dir), "-i", str(source), "-o", str(tmp_path / "mbr"),
-                 "--mbr", "5"]) == 0
-    assert main(["translate", "--model", str(run_dir), "-i", str(source), "-o", str(tmp_path / "mbr_nbest"),
-                 "--mbr", "5", "--nbest", "5"]) == 0
-    nbest, reordered = read_nbest(tmp_path / "nbest"), read_nbest(tmp_path / "mbr_nbest")
-    chosen = (tmp_path / "mbr").read_text(encoding="utf-8").splitlines()
-    assert len(chosen) == len(lines) + 1 and chosen[10] == ""
-    bleu, differ = BLEU(effective_order=True), 0
-    for i, line in enumerate(chosen):
-        gains = brute_force(nbest[i], bleu)
-        assert sorted(reordered[i]) == sorted(nbest[i])  # the same candidates, another order
-        assert reordered[i][0] == line
-        assert gains[nbest[i].index(line)] == pytest.approx(max(gains), abs=1e-9)
-        differ += line != nbest[i][0]
-    assert differ > 0  # on the toy model, MBR changes some outputs: the test checks a real choice
+    source.write_text("".join(line + "\n" for line in lines))
+    model, tokenizer, recipe = load_model(run_dir)
+    nbest = translate_lines(model, tokenizer, lines, dataclasses.replace(recipe.decode, beam=5), "beam", 5)
+    for weights in ("model", "uniform"):
+        out = tmp_path / f"mbr_{weights}"
+        assert main(["translate", "--model", str(run_dir), "-i", str(source), "-o", str(out), "--mbr", "5",
+                     "--mbr-weights", weights]) == 0
+        assert main(["translate", "--model", str(run_dir), "-i", str(source), "-o", str(out) + ".nbest",
+                     "--mbr", "5", "--mbr-weights", weights, "--nbest", "5"]) == 0
+        chosen = out.read_text(encoding="utf-8").splitlines()
+        reordered = collections.defaultdict(list)
+        for line in (tmp_path / f"mbr_{weights}.nbest").read_text(encoding="utf-8").splitlines():
+            i, text, _ = line.split(" ||| ")
+            reordered[int(i)].append(text)
+        assert len(chosen) == len(lines) and chosen[10] == ""
+        bleu, differ = BLEU(effective_order=True), 0
+        for i, line in enumerate(chosen):
+            if i == 10:  # the empty line, which never reaches the model
+                continue
+            texts, scores = nbest.texts[i], nbest.scores[i]
+            w = [math.exp(s - max(scores)) for s in scores] if weights == "model" else [1.0] * len(texts)
+            gains = [sum(wj * bleu.sentence_score(h, [r]).score for wj, r in zip(w, texts)) / sum(w) for h in texts]
+            assert sorted(reordered[i]) == sorted(texts)  # the same candidates, another order
+            assert reordered[i][0] == line
+            assert gains[texts.index(line)] == pytest.approx(max(gains), abs=1e-9)
+            differ += line != texts[0]
+        assert differ > 0  # on the toy model, MBR changes some outputs: the test checks a real choice
 
 
 def test_translate_mbr_refuses_what_it_cannot_rerank(toy_model_dir, tmp_path, capsys):
     run_dir, _ = toy_model_dir
     source = tmp_path / "in.en"
     source.write_text("a b c\n")
-    for extra in (["--sample"], ["--speculate", "heads"], ["--mbr", "1"]):
+    for extra in (["--sample"], ["--speculate", "heads"], ["--beam", "1"], ["--mbr", "1"]):
         assert main(["translate", "--model", str(run_dir), "-i", str(source), "-o", str(tmp_path / "out"),
                      "--mbr", "4", *extra]) != 0
         assert "--mbr" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recipes_mbr_yields_to_greedy(toy_model_dir):
+    run_dir, data_dir = toy_model_dir
+    lines = (data_dir / "toy/valid.en").read_text().splitlines()[:8]
+    model, tokenizer, recipe = load_model(run_dir)
+    with_mbr = dataclasses.replace(recipe.decode, beam=4, mbr=4)
+    greedy = translate_lines(model, tokenizer, lines, dataclasses.replace(with_mbr, mbr=0), "greedy").texts
+    assert translate_lines(model, tokenizer, lines, with_mbr, "greedy").texts == greedy

@@ -146,7 +146,7 @@ def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     _print_scores(scores, args.json, args.width)
     report = {"model": str(args.model), "split": args.split, "corpus": corpus.name, "sentences": len(corpus),
               "beam": options.beam, "lenpen": options.lenpen, "lp_form": options.lp_form,
-              "mbr": options.mbr, "mbr_utility": options.mbr_utility,
+              "mbr": options.mbr, "mbr_utility": options.mbr_utility, "mbr_weights": options.mbr_weights,
               "seconds": round(seconds, 2), "truncated": truncated,
               "scores": {s.name: {"score": s.score, "signature": sig, "text": s.format(2, False, sig)} for s, sig in scores}}
     (out_dir / f"{args.split}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -259,8 +259,11 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
                    help="early: a sentence stops with beam finished hypotheses (fairseq); optimal: once no live beam "
                         "can beat them (the paper's tensor2tensor search)")
     g.add_argument("--mbr", type=int, help="minimum Bayes risk: of beam search's N best (a beam of N), output the one "
-                   "with the highest mean sentence BLEU (or chrF) against the others; 0: off")
+                   "with the highest expected sentence BLEU (or chrF) against them all; 0: off")
     g.add_argument("--mbr-utility", dest="mbr_utility", choices=["bleu", "chrf"], help="MBR's utility (default bleu)")
+    g.add_argument("--mbr-weights", dest="mbr_weights", choices=["model", "uniform"],
+                   help="weigh each candidate as a reference by the model (softmax of the search scores; default) or "
+                        "uniformly")
     g.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
                    help="replay each decoding step from a CUDA graph (fixed shapes; GPU only, slower on CPU)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

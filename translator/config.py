@@ -246,10 +246,13 @@ class DecodeConfig:
     # Decoding steps replayed from CUDA graphs (translator/cuda_graphs.py): one launch per step instead of one per
     # operation. On CPU the same fixed-shape steps run uncaptured, slower than the default.
     cuda_graphs: bool = False
-    # Minimum Bayes risk decoding (translator/mbr.py; not in the paper): beam search keeps its `mbr` best, and the
-    # one with the highest expected utility (sentence BLEU or chrF) against the others is output. 0: off.
+    # Minimum Bayes risk decoding (translator/mbr.py; not in the paper): beam search (beam > 1) keeps its `mbr` best,
+    # and the one with the highest expected utility (sentence BLEU or chrF) against them all is output. 0: off.
+    # mbr_weights: each candidate's weight as a pseudo-reference, "model" (the softmax of the search's scores over
+    # the N best, as N-best MBR in Kumar & Byrne 2004) or "uniform".
     mbr: int = 0
     mbr_utility: str = "bleu"
+    mbr_weights: str = "model"
 
 
 SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "train": TrainConfig, "decode": DecodeConfig}
@@ -300,6 +303,7 @@ class Recipe:
             (d.beam_stop in ("early", "optimal"), f"decode.beam_stop={d.beam_stop!r}: expected early or optimal"),
             (d.mbr == 0 or d.mbr >= 2, f"decode.mbr={d.mbr}: expected 0 (off) or at least 2 candidates"),
             (d.mbr_utility in ("bleu", "chrf"), f"decode.mbr_utility={d.mbr_utility!r}: expected bleu or chrf"),
+            (d.mbr_weights in ("model", "uniform"), f"decode.mbr_weights={d.mbr_weights!r}: expected model or uniform"),
             (self.data.task != "translation" or self.data.src_lang != self.data.tgt_lang,
              f"data.src_lang and data.tgt_lang are both {self.data.tgt_lang!r}: a translation needs two languages"),
             (not (self.data.task == "lm" and self.model.prefix_lm), "model.prefix_lm applies to translation "

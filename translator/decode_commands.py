@@ -29,7 +29,7 @@ def _decode_options(recipe, args):
 
     options = dataclasses.replace(recipe.decode)
     for name in ("beam", "lenpen", "lp_form", "max_len_a", "max_len_b", "batch_tokens", "beam_stop", "cuda_graphs",
-                 "mbr", "mbr_utility"):
+                 "mbr", "mbr_utility", "mbr_weights"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(options, name, value)
@@ -121,11 +121,11 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
     _refuse_int8_speculation(args)
     model, tokenizer, recipe = _load_for_translation(args)
     options = _decode_options(recipe, args)
-    if args.nbest > options.beam and not args.sample and not options.mbr:
+    if args.mbr and (args.sample or args.speculate or args.draft or options.beam == 1):
+        raise ValueError("--mbr chooses among beam search's candidates; drop --sample, --speculate, --draft and "
+                         "--beam 1")
+    if args.nbest > options.beam and not args.sample and not (options.mbr and options.beam > 1):
         raise ValueError(f"--nbest {args.nbest} exceeds --beam {options.beam}")
-    if options.mbr and (args.sample or args.speculate or args.draft):
-        raise ValueError("--mbr chooses among beam search's candidates; drop --sample, --speculate and --draft "
-                         "(or set --mbr 0 where the recipe turns it on)")
     if args.alignments and args.nbest > 1:
         raise ValueError("--alignments links the best translation only; drop --nbest")
     mode, sampling = _mode(args, options)

@@ -120,7 +120,7 @@ def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "be
         found, rate = speculative_ids(model, draft, ids, options, k=draft_k, sampling=sampling, generator=generator)
         hypotheses = [[(tokens, float("nan"))] for tokens in found]
         log.debug("speculative decoding: %.1f%% of draft tokens accepted", 100 * rate)
-    elif options.mbr and mode != "sample":  # beam search's candidates, reordered by expected utility
+    elif options.mbr and mode == "beam":  # beam search's candidates, reordered by expected utility
         from .mbr import mbr_order
 
         candidates = max(options.mbr, nbest)
@@ -128,7 +128,9 @@ def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "be
         found = translate_hypotheses(model, ids, wide, mode="beam", nbest=candidates, prefixes=prefix_ids)
         hypotheses = []
         for hyps in found:
-            order = mbr_order([one_line(t) for t in tokenizer.decode([h.tokens for h in hyps])], options.mbr_utility)
+            texts = [one_line(t) for t in tokenizer.decode([h.tokens for h in hyps])]
+            scores = [h.score for h in hyps] if options.mbr_weights == "model" else None
+            order = mbr_order(texts, options.mbr_utility, scores)
             hypotheses.append([(hyps[i].tokens, hyps[i].score) for i in order[:nbest]])
     else:
         found = translate_hypotheses(model, ids, options, mode=mode, nbest=nbest, sampling=sampling,

@@ -10,6 +10,7 @@ sentence_score's, to the digit, as the tests check)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 UTILITIES = ("bleu", "chrf")
@@ -60,7 +61,14 @@ def expected_utility(candidates: Sequence[str], utility: str = "bleu",
     return [sum(wj * uij for wj, uij in zip(w, row)) / total for row in u]
 
 
-def mbr_order(candidates: Sequence[str], utility: str = "bleu") -> list[int]:
-    """The candidates' indices by expected utility, best first; ties keep the given (model's) order."""
-    gains = expected_utility(candidates, utility)
+def model_weights(scores: Sequence[float]) -> list[float]:
+    """The softmax of the candidates' log-scores: the model's distribution restricted to the N best."""
+    top = max(scores)
+    return [math.exp(s - top) for s in scores]
+
+
+def mbr_order(candidates: Sequence[str], utility: str = "bleu", scores: Sequence[float] | None = None) -> list[int]:
+    """The candidates' indices by expected utility, best first; ties keep the given (model's) order. With `scores`
+    (the model's log-scores), each candidate weighs as a reference by its softmax; uniformly without."""
+    gains = expected_utility(candidates, utility, None if scores is None else model_weights(scores))
     return sorted(range(len(candidates)), key=lambda i: -gains[i])

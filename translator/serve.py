@@ -220,7 +220,7 @@ class Translator:
         info = {"source_language": recipe.data.src_lang, "target_language": recipe.data.tgt_lang,
                 "models": self.models, "parameters": count_parameters(self.model),
                 "decode": {"beam": recipe.decode.beam, "lenpen": recipe.decode.lenpen,
-                           "lp_form": recipe.decode.lp_form, "mbr": recipe.decode.mbr},
+                           "lp_form": recipe.decode.lp_form, "mbr": recipe.decode.mbr if recipe.decode.beam > 1 else 0},
                 "recipe": json.loads(json.dumps(dataclasses.asdict(recipe), default=str))}
         first = Path(self.models[0])
         report = (first if first.is_dir() else first.parent) / "eval" / "test.json"
