@@ -334,6 +334,8 @@ def test_a_nan_or_inf_loss_stops_training_naming_the_step_and_keeps_the_last_goo
     (["--decode.average_last=0"], "decode.average_last=0 must be positive"),
     (["--data.max_len=0"], "data.max_len=0 must be positive"),
     (["--decode.beam_stop=never"], "decode.beam_stop='never'"),
+    (["--decode.mbr=1"], "decode.mbr=1: expected 0 \\(off\\) or at least 2"),
+    (["--decode.mbr_weights=posterior"], "decode.mbr_weights='posterior'"),
     (["--model.pad_id=5"], "model.pad_id/bos_id/eos_id/unk_id are 5/1/2/3"),
     (["--data.task=lm", "--model.preset=lm_tiny", "--model.prefix_lm=true", "--model.n_encoder_layers=0",
       "--data.block_size=64"],
