@@ -1,5 +1,5 @@
 """Minimum Bayes risk (MBR) selection over a sentence's candidate translations (Kumar & Byrne 2004; Freitag et
-al. 2022): pick the candidate with the highest expected utility against the others, each taken as a
+al. 2022): pick the candidate with the highest expected utility against all the candidates, each taken as a
 pseudo-reference, instead of the one the model scores highest.
 
 The utility is sentence-level sacreBLEU (13a tokens, exponential smoothing, effective order: sacrebleu's
@@ -62,7 +62,8 @@ def expected_utility(candidates: Sequence[str], utility: str = "bleu",
 
 
 def model_weights(scores: Sequence[float]) -> list[float]:
-    """The softmax of the candidates' log-scores: the model's distribution restricted to the N best."""
+    """Weights proportional to the softmax of the candidates' log-scores: the model's distribution restricted to
+    the N best (expected_utility normalises them)."""
     top = max(scores)
     return [math.exp(s - top) for s in scores]
 
