@@ -103,3 +103,20 @@ def test_a_recipes_mbr_yields_to_greedy(toy_model_dir):
     with_mbr = dataclasses.replace(recipe.decode, beam=4, mbr=4)
     greedy = translate_lines(model, tokenizer, lines, dataclasses.replace(with_mbr, mbr=0), "greedy").texts
     assert translate_lines(model, tokenizer, lines, with_mbr, "greedy").texts == greedy
+
+
+def test_serve_answers_with_the_recipes_mbr_and_greedy_for_beam_1(toy_model_dir):
+    from translator.serve import Translator
+
+    run_dir, data_dir = toy_model_dir
+    lines = (data_dir / "toy/valid.en").read_text().splitlines()[:12]
+    model, tokenizer, recipe = load_model(run_dir)
+    recipe.decode = dataclasses.replace(recipe.decode, mbr=5)
+    served = Translator(model, tokenizer, recipe, [str(run_dir)])
+    lenpen = recipe.decode.lenpen
+    mbr = translate_lines(model, tokenizer, lines, dataclasses.replace(recipe.decode, beam=4), "beam").texts
+    plain = translate_lines(model, tokenizer, lines, dataclasses.replace(recipe.decode, beam=4, mbr=0), "beam").texts
+    greedy = translate_lines(model, tokenizer, lines, dataclasses.replace(recipe.decode, mbr=0), "greedy").texts
+    assert [text for text, _ in served((4, lenpen, 1, False), lines, None)] == [t[0] for t in mbr]
+    assert [text for text, _ in served((1, lenpen, 1, False), lines, None)] == [t[0] for t in greedy]
+    assert mbr != plain  # the reply is MBR's choice, not beam search's best
