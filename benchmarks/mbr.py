@@ -23,7 +23,7 @@ from translator.checkpoint import load_model  # noqa: E402
 from translator.data import load_corpus  # noqa: E402
 from translator.inference import translate_hypotheses  # noqa: E402
 from translator.lines import one_line  # noqa: E402
-from translator.mbr import expected_utility, model_weights  # noqa: E402
+from translator.mbr import mbr_order  # noqa: E402
 
 
 def main() -> None:
@@ -39,9 +39,7 @@ def main() -> None:
     import dataclasses
 
     import sacrebleu
-    import torch
 
-    torch.manual_seed(0)
     model, tokenizer, recipe = load_model(args.model, "cpu")
     corpus = load_corpus(getattr(recipe.data, args.split), recipe.data.src_lang, recipe.data.tgt_lang, args.data_dir)
     src, refs = list(corpus.src), list(corpus.tgt)
@@ -64,18 +62,14 @@ def main() -> None:
         search_s = time.perf_counter() - start
         texts = [[one_line(t) for t in tokenizer.decode([h.tokens for h in hyps])] for hyps in found]
         row = {"search_s": round(search_s, 1), "beam_best": score([t[0] for t in texts])}
-        for utility in ("bleu", "chrf"):
+        for key, utility, weighted in (("mbr_bleu", "bleu", False), ("mbr_chrf", "chrf", False),
+                                       ("mbr_bleu_weighted", "bleu", True)):
             start = time.perf_counter()
-            gains = [expected_utility(t, utility) for t in texts]
-            row[f"mbr_{utility}_s"] = round(time.perf_counter() - start, 1)
-            chosen = [t[max(range(len(t)), key=g.__getitem__)] for t, g in zip(texts, gains)]
-            row[f"mbr_{utility}"] = score(chosen)
-            row[f"mbr_{utility}_changed"] = sum(c != t[0] for c, t in zip(chosen, texts))
-        weighted = []
-        for t, hyps in zip(texts, found):
-            g = expected_utility(t, "bleu", model_weights([h.score for h in hyps]))
-            weighted.append(t[max(range(len(t)), key=g.__getitem__)])
-        row["mbr_bleu_weighted"] = score(weighted)
+            chosen = [t[mbr_order(t, utility, [h.score for h in hyps] if weighted else None)[0]]
+                      for t, hyps in zip(texts, found)]
+            row[f"{key}_s"] = round(time.perf_counter() - start, 1)
+            row[key] = score(chosen)
+            row[f"{key}_changed"] = sum(c != t[0] for c, t in zip(chosen, texts))
         metrics[f"beam_{n}"] = row
         print(n, row, flush=True)
     name = args.name or f"mbr_{Path(args.model).name}_{args.split}"
