@@ -15,7 +15,8 @@ With --draft RUN, also the draft-model path (a separate small model on the same 
 tokens), one sentence at a time and batched; with --hf as well, the outside reference where it applies: the
 same weights copied into Hugging Face MarianMT (translator.export.to_marian), `generate` greedy against
 `generate(assistant_model=the draft)` one sentence at a time (assisted generation takes one sentence per call),
-with the draft's default generation settings and with a constant --draft-k tokens per pass. Results in
+with the draft's default generation settings and with a constant --draft-k tokens per pass. With --fewer-heads K
+..., also with only the first K heads proposing. Results in
 benchmarks/results/speculative_<device>.json; speedup_batch1 and speedup_batched are heads over plain greedy
 with float32 layers, the _prepacked ones with prepacked layers.
 """
@@ -109,6 +110,9 @@ def main() -> None:
     parser.add_argument("--chain", action="store_true", help="chained heads (model.draft_chain)")
     parser.add_argument("--distill", action="store_true",
                         help="train the heads on the model's own greedy translations of the training sources")
+    parser.add_argument("--fewer-heads", type=int, nargs="*", default=[],
+                        help="also propose with only the first K heads (translate --speculate heads --draft-k K), "
+                             "for each K given: a pass with fewer rows costs less")
     parser.add_argument("--draft", help="also a separate draft model (run directory) on the same tokenizer")
     parser.add_argument("--draft-k", type=int, default=4, help="tokens the draft model proposes per pass")
     parser.add_argument("--hf", action="store_true",
@@ -152,6 +156,8 @@ def main() -> None:
         suffix = "" if form == "float32" else f"_{form}"
         systems["greedy" + suffix] = lambda options, m=m: ([o[0] for o in translate_ids(m, sources, options, mode="greedy")], None)
         systems["heads" + suffix] = lambda options, m=m: self_speculative_ids(m, sources, options)
+        for k in args.fewer_heads:
+            systems[f"heads_k{k}{suffix}"] = lambda options, m=m, k=k: self_speculative_ids(m, sources, options, k=k)
     if args.draft:
         draft = load_model(args.draft, args.device)[0]
         systems["draft_model"] = lambda options: speculative_ids(model, draft, sources, options, k=args.draft_k)
@@ -165,9 +171,10 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 best[name, setting] = min(seconds, best.get((name, setting), float("inf")))
                 outputs[name, setting] = out
-                if stats is not None and name == "heads":
-                    metrics[f"tokens_per_pass_{setting}"] = round(stats.tokens_per_pass, 3)
-                    metrics[f"acceptance_{setting}"] = round(stats.accepted / max(stats.proposed, 1), 3)
+                if stats is not None and name.startswith("heads") and not name.endswith("_prepacked"):
+                    k = name.removeprefix("heads")  # "" (all heads) or "_k<K>"
+                    metrics[f"tokens_per_pass{k}_{setting}"] = round(stats.tokens_per_pass, 3)
+                    metrics[f"acceptance{k}_{setting}"] = round(stats.accepted / max(stats.proposed, 1), 3)
                 if name == "draft_model":
                     metrics[f"draft_model_acceptance_{setting}"] = round(stats, 3)
                 print(f"{setting:8s} {name:16s} {seconds:7.2f}s  {len(lines) / seconds:7.1f} sent/s", flush=True)
@@ -194,6 +201,9 @@ def main() -> None:
         suffix = "" if form == "float32" else f"_{form}"
         for setting in settings:
             metrics[f"speedup_{setting}{suffix}"] = round(best["greedy" + suffix, setting] / best["heads" + suffix, setting], 2)
+            for k in args.fewer_heads:
+                metrics[f"speedup_{setting}{suffix}_k{k}"] = round(best["greedy" + suffix, setting]
+                                                                   / best[f"heads_k{k}{suffix}", setting], 2)
     for setting in settings if args.draft else ():
         metrics[f"speedup_draft_model_{setting}"] = round(best["greedy", setting] / best["draft_model", setting], 2)
     for name in ("hf_assisted", "hf_assisted_constant") if args.hf else ():

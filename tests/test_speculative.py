@@ -191,6 +191,16 @@ def test_model_speculative_greedy_equals_greedy_batched_and_alone(arch, chain):
     alone, _ = self_speculative_ids(model, sources, DecodeConfig(max_len_b=10, batch_tokens=1))
     assert batched == expected and alone == expected
     assert 0 < stats.accepted < stats.proposed and stats.passes > 0
+    assert stats.proposed == 3 * stats.passes
+    for k in (1, 2):  # the first k heads propose: k tokens a pass, the same output
+        fewer, fewer_stats = self_speculative_ids(model, sources, options, k=k)
+        assert fewer == expected and fewer_stats.proposed == k * fewer_stats.passes
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_more_heads_than_the_model_has_are_refused(k):
+    with pytest.raises(ValueError, match=f"--draft-k {k}: the model has 3 draft heads"):
+        self_speculative_ids(tiny_with_heads("encoder_decoder"), [[5, 6]], DecodeConfig(), k=k)
 
 
 def test_chained_heads_train_on_what_they_propose_from():
@@ -254,4 +264,5 @@ def test_generate_with_heads_equals_greedy_generation():
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
     expected = generate_ids(model, prompts, 12, mode="greedy")
     assert generate_ids(model, prompts, 12, mode="greedy", speculate_heads=True) == expected
+    assert generate_ids(model, prompts, 12, mode="greedy", speculate_heads=True, draft_k=1) == expected
     assert all(len(c) > 0 for c in expected)

@@ -120,8 +120,18 @@ def test_speculate_heads_translates_as_greedy(toy_heads_dir, toy_source, tmp_pat
                         "--beam", 1, "--speculate", "heads"], capsys)
     assert code == 0, err
     assert lines_of(tmp_path / "fast.de") == lines_of(tmp_path / "greedy.de")
+    code, _, err = run(["translate", "--model", toy_heads_dir, "-i", toy_source, "-o", tmp_path / "one_head.de",
+                        "--beam", 1, "--speculate", "heads", "--draft-k", 1], capsys)
+    assert code == 0, err
+    assert lines_of(tmp_path / "one_head.de") == lines_of(tmp_path / "greedy.de")
     code, _, err = run(["translate", "--model", toy_heads_dir, "-i", toy_source, "--speculate", "heads"], capsys)
     assert code == 1 and "pass --beam 1 or --sample" in err
+    for extra, message in ((["--speculate", "heads", "--draft-k", 5], "--draft-k 5: the model has 3 draft heads"),
+                           (["--draft-k", 2], "--draft-k sets how many tokens --speculate heads or --draft proposes")):
+        out = tmp_path / "refused.de"
+        code, _, err = run(["translate", "--model", toy_heads_dir, "-i", toy_source, "-o", out, "--beam", 1, *extra],
+                           capsys)
+        assert code == 1 and message in err and not out.exists(), err
 
 
 @pytest.mark.parametrize("speculation", [["--speculate", "heads"], ["--draft", "DRAFT"]])

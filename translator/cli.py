@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heads: the model's own draft heads (model.draft_heads) propose, the model verifies, in batches")
     g.add_argument("--draft", help="a smaller model (run directory) with the same architecture and vocabulary that "
                                    "proposes tokens; greedy output is unchanged, only faster when the draft agrees")
-    g.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per round")
+    g.add_argument("--draft-k", type=int, help="tokens proposed per round: by the --draft model (default 4), or by "
+                                               "the first K draft heads (default: all the model has)")
     p.set_defaults(func=cmd_translate)
 
     p = command("serve", "serve a model over HTTP, with a page to try it",
@@ -390,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--echo", action="store_true", help="write the prompt before its continuation")
     p.add_argument("--speculate", choices=["heads"],
                    help="heads: the model's draft heads propose, the model verifies (greedy output unchanged)")
+    p.add_argument("--draft-k", type=int, help="with --speculate heads, propose with the first K heads (default: all)")
     p.add_argument("--chunk-lines", type=int, default=10000, help="prompts read, generated and written at a time")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_generate)

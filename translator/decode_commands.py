@@ -54,10 +54,13 @@ def _cpu_form(model, args):
     return prepack(model) if getattr(args, "prepack", False) else model
 
 
-def _refuse_int8_speculation(args) -> None:
-    """Speculative decoding promises greedy's output, which int8 cannot keep: PyTorch's dynamic quantization
-    rounds a call's activations with one scale for all its rows, so a verification pass of K + 1 rows rounds
-    otherwise than greedy's one row (13 of 100 test2016 lines differed on the Multi30k run)."""
+def _check_speculation(args) -> None:
+    """--draft-k needs something to propose. Speculative decoding promises greedy's output, which int8 cannot
+    keep: PyTorch's dynamic quantization rounds a call's activations with one scale for all its rows, so a
+    verification pass of K + 1 rows rounds otherwise than greedy's one row (13 of 100 test2016 lines differed on
+    the Multi30k run)."""
+    if args.draft_k is not None and not (args.speculate or getattr(args, "draft", None)):
+        raise ValueError("--draft-k sets how many tokens --speculate heads or --draft proposes; pass one of them")
     if getattr(args, "int8", False) and (getattr(args, "speculate", None) or getattr(args, "draft", None)):
         option = "--speculate heads" if getattr(args, "speculate", None) else "--draft"
         raise ValueError(f"{option} with --int8 would not give greedy's output (int8 rounds a pass's activations with "
@@ -118,7 +121,7 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     import torch
 
-    _refuse_int8_speculation(args)
+    _check_speculation(args)
     model, tokenizer, recipe = _load_for_translation(args)
     options = _decode_options(recipe, args)
     if args.mbr and (args.sample or args.speculate or args.draft or options.beam == 1):
@@ -132,17 +135,20 @@ def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed) if args.sample else None
     draft = None
     if args.speculate == "heads":
+        from .inference import check_draft_heads
+
         if mode == "beam":
             raise ValueError("--speculate heads decodes greedily or by sampling: pass --beam 1 or --sample")
         if args.draft or len(args.model) > 1 or args.prefix:
             raise ValueError("--speculate heads speeds up one model with its own heads: drop --draft, the extra "
                              "--model or --prefix")
+        check_draft_heads(model, args.draft_k)
     if args.draft:
         from .checkpoint import load_model
 
         if mode == "beam":
             raise ValueError("--draft decodes greedily or by sampling: pass --beam 1 or --sample")
-        if args.draft_k < 1:
+        if args.draft_k is not None and args.draft_k < 1:
             raise ValueError("--draft-k must be positive")
         if len(args.model) > 1 or args.prefix:
             raise ValueError("--draft speeds up one model without target prefixes; drop the extra --model or --prefix")
@@ -216,12 +222,16 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from .checkpoint import load_model
     from .inference import generate_ids
 
-    _refuse_int8_speculation(args)
+    _check_speculation(args)
     model, tokenizer, recipe = load_model(args.model, _device(args.device))
     model = _cpu_form(model, args)
     if recipe.data.task != "lm":
         raise ValueError(f"{args.model} is a translation model; generate needs a language model (data.task: lm); "
                          "use translate")
+    if args.speculate == "heads":
+        from .inference import check_draft_heads
+
+        check_draft_heads(model, args.draft_k)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be positive")
     prompts = iter([args.prompt]) if args.prompt is not None else read_input(args.input)
@@ -234,7 +244,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
             texts = [line.strip() for line in chunk]
             ids = [x if text else [] for x, text in zip(tokenizer.encode(texts), texts)]
             continuations = generate_ids(model, ids, args.max_new_tokens, mode, sampling, generator,
-                                         speculate_heads=args.speculate == "heads")
+                                         speculate_heads=args.speculate == "heads", draft_k=args.draft_k)
             for text, cont in zip(texts, tokenizer.decode(continuations)):
                 line = f"{text} {cont}".strip() if args.echo else cont
                 out.write(one_line(line) + "\n")

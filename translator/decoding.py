@@ -443,9 +443,9 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
     """Batched speculative decoding (Leviathan et al., 2023), with the model's own draft heads proposing (Medusa's
     scheme: propose=model.draft) or a separate draft model (propose=DraftModel(...)).
     feed(new (N, T), state) -> hidden states (N, T, C) after those the state holds; main(h) -> next-token logits
-    (..., V); propose(h, token, choose) -> K proposals (n, K) after the model's next `token`, and their
-    log-probabilities (n, K, V), where `choose` turns logits into (tokens, log-probabilities); a proposer may
-    offer update(kept) and reorder(index). `state` must offer reorder and reject(keep) (see DecodeState).
+    (..., V), a fresh tensor (it is overwritten); propose(h, token, choose) -> K proposals (n, K) after the
+    model's next `token`, and their log-probabilities (n, K, V), where `choose` turns fresh logits into (tokens,
+    log-probabilities); a proposer may offer update(kept) and reorder(index). `state` must offer reorder and reject(keep) (see DecodeState).
     Each round feeds every row its main token and the K proposals in one pass; each row keeps the longest run of
     proposals the model agrees with (rows keep different numbers), plus the model's own next token. Greedy
     (sampling=None) gives exactly greedy()'s output; with sampling (temperature, top_k, top_p) every kept token
@@ -457,8 +457,9 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
     stats = SpeculationStats()
 
     def distribution(logits: Tensor) -> Tensor:  # (..., V) -> log-probabilities, banned tokens excluded
-        logits = logits.float().clone()
-        logits[..., banned] = -torch.inf
+        logits = logits.float()
+        logits[..., banned] = -torch.inf  # in place: main and the proposer return fresh tensors (a copy of a
+        # batch's K + 1 rows of logits cost more than the comparisons that read them)
         if sampling is None:
             return logits  # greedy reads only the argmax: normalising would not change it
         shape = logits.shape

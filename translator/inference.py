@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -180,15 +181,26 @@ def _speculate(model: EncoderDecoder | DecoderOnly, sources: list[list[int]], op
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
 def self_speculative_ids(model: EncoderDecoder | DecoderOnly, sources: Sequence[Sequence[int]], options: DecodeConfig,
                          sampling: dict | None = None, generator: torch.Generator | None = None,
-                         ) -> tuple[list[list[int]], SpeculationStats]:
-    """Translate with the model's draft heads proposing and the model verifying, in batches of similar length
-    (options.batch_tokens; 1 sentence per batch when batch_tokens is 1). Greedy (sampling=None) gives exactly
-    translate_ids' greedy output. Returns the outputs in input order and the speculation's counts."""
-    if not model.cfg.draft_heads:
+                         k: int | None = None) -> tuple[list[list[int]], SpeculationStats]:
+    """Translate with the model's first k draft heads (default all) proposing and the model verifying, in batches
+    of similar length (options.batch_tokens; 1 sentence per batch when batch_tokens is 1). Greedy (sampling=None)
+    gives exactly translate_ids' greedy output. Returns the outputs in input order and the speculation's counts."""
+    k = check_draft_heads(model, k)
+    sources = [list(s)[:source_limit(model)] for s in sources]
+    return _speculate(model, sources, options, lambda _, prefix: partial(model.draft, k=k), sampling, generator)
+
+
+def check_draft_heads(model: EncoderDecoder | DecoderOnly, k: int | None) -> int:
+    """The number of draft heads to propose with: k, or all the model has; refused where it has none or fewer.
+    Fewer heads than trained can be faster: a verification pass costs more with each row it checks, and the
+    last heads' proposals are kept least often."""
+    heads = model.cfg.draft_heads
+    if not heads:
         raise ValueError("the model has no draft heads (model.draft_heads is 0): train some onto it with "
                          "translator train --init-from RUN --model.draft_heads=3 --train.freeze=base")
-    sources = [list(s)[:source_limit(model)] for s in sources]
-    return _speculate(model, sources, options, lambda _, prefix: model.draft, sampling, generator)
+    if k is not None and not 1 <= k <= heads:
+        raise ValueError(f"--draft-k {k}: the model has {heads} draft heads; propose with 1 to {heads} of them")
+    return heads if k is None else k
 
 
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
@@ -212,14 +224,16 @@ def speculative_ids(model: EncoderDecoder | DecoderOnly, draft: EncoderDecoder |
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
 def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: str = "sample",
                  sampling: dict | None = None, generator: torch.Generator | None = None,
-                 batch_tokens: int = 8192, speculate_heads: bool = False) -> list[list[int]]:
+                 batch_tokens: int = 8192, speculate_heads: bool = False, draft_k: int | None = None) -> list[list[int]]:
     """Continue each prompt (token ids) with a language model, up to max_new_tokens or EOS, in batches of
     similar length. Prompts start after an EOS, as every line does in the packed training stream. With
-    speculate_heads, the model's draft heads propose and the model verifies (greedy: the same output)."""
+    speculate_heads, the model's first draft_k draft heads (default all) propose and the model verifies (greedy:
+    the same output)."""
     cfg, device = model.cfg, next(model.parameters()).device
     keep = cfg.max_positions - 2  # room for the leading EOS and at least one new token
     prompts = [list(p)[-keep:] for p in prompts]
     results: list[list[int]] = [[] for _ in prompts]
+    k = check_draft_heads(model, draft_k) if speculate_heads else None
     for batch in batches_by_length([len(p) + 1 for p in prompts], batch_tokens):
         width = max(len(prompts[i]) for i in batch) + 1
         tokens = torch.tensor([[cfg.pad_id] * (width - len(prompts[i]) - 1) + [cfg.eos_id, *prompts[i]] for i in batch],
@@ -227,11 +241,9 @@ def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_t
         limit = min(max_new_tokens, cfg.max_positions - width)
         banned = (cfg.pad_id, cfg.bos_id)
         if speculate_heads:
-            if not cfg.draft_heads:
-                raise ValueError("the model has no draft heads (model.draft_heads is 0)")
             state = model.start(tokens)
             state.position_cap = cfg.max_positions - 1
-            out, _ = self_speculative(model.hidden, model.logits, model.draft,
+            out, _ = self_speculative(model.hidden, model.logits, partial(model.draft, k=k),
                                       state, tokens, limit, cfg.eos_id, banned=banned,
                                       sampling=None if mode == "greedy" else (sampling or {}), generator=generator)
         elif mode == "greedy":

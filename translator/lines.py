@@ -89,12 +89,13 @@ class Translations:
 
 
 def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "beam", nbest: int = 1,
-                    sampling: dict | None = None, generator=None, draft=None, draft_k: int = 4,
+                    sampling: dict | None = None, generator=None, draft=None, draft_k: int | None = None,
                     prefixes: list[str] | None = None, alignment_layer: int | None = None,
                     speculate_heads: bool = False) -> Translations:
     """Translate raw lines: empty or whitespace-only lines give empty output without touching the model (with a
     target prefix: the prefix); sources longer than the model's positions are truncated. With a `draft` model,
-    or speculate_heads (the model's own draft heads): speculative greedy decoding or sampling. `prefixes`: per
+    or speculate_heads (the model's own draft heads): speculative greedy decoding or sampling, with draft_k tokens
+    proposed per pass (default: 4 from a draft model, one from each of the model's heads). `prefixes`: per
     line, text the translation must start with ('': none). `alignment_layer`: also link words, from that
     decoder layer's cross-attention (of the first model of an ensemble)."""
     from .inference import Ensemble, self_speculative_ids, source_limit, speculative_ids, translate_hypotheses
@@ -110,14 +111,15 @@ def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "be
     if speculate_heads:
         if prefixes is not None:
             raise ValueError("speculative decoding does not take target prefixes")
-        found, stats = self_speculative_ids(model, ids, options, sampling=sampling, generator=generator)
+        found, stats = self_speculative_ids(model, ids, options, sampling=sampling, generator=generator, k=draft_k)
         hypotheses = [[(tokens, float("nan"))] for tokens in found]
         log.debug("self-speculative decoding: %.2f tokens per pass, %.1f%% of proposals accepted",
                   stats.tokens_per_pass, 100 * stats.accepted / max(stats.proposed, 1))
     elif draft is not None:
         if prefixes is not None:
             raise ValueError("speculative decoding (--draft) does not take target prefixes")
-        found, rate = speculative_ids(model, draft, ids, options, k=draft_k, sampling=sampling, generator=generator)
+        found, rate = speculative_ids(model, draft, ids, options, k=draft_k or 4, sampling=sampling,
+                                      generator=generator)
         hypotheses = [[(tokens, float("nan"))] for tokens in found]
         log.debug("speculative decoding: %.1f%% of draft tokens accepted", 100 * rate)
     elif options.mbr and mode == "beam":  # beam search's candidates, reordered by expected utility

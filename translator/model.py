@@ -261,11 +261,11 @@ class _Seq2SeqBase(nn.Module):
         for head in self.draft_heads:
             nn.init.zeros_(head.proj.weight)
 
-    def draft_logits(self, h: Tensor) -> Tensor:
-        """The (parallel) draft heads' logits for hidden states h (..., C), (..., K, V): head k's (k = 1..K)
-        predict the token k positions after the main head's. One output projection for all heads: in small
-        batches its cost is reading the (V, C) matrix, once rather than K times."""
-        return self.logits(torch.stack([head(h) for head in self.draft_heads], dim=-2))
+    def draft_logits(self, h: Tensor, k: int | None = None) -> Tensor:
+        """The (parallel) draft heads' logits for hidden states h (..., C), (..., K, V): head k's (k = 1..K, the
+        first `k` heads, default all) predict the token k positions after the main head's. One output projection
+        for all heads: in small batches its cost is reading the (V, C) matrix, once rather than K times."""
+        return self.logits(torch.stack([head(h) for head in self.draft_heads[:k]], dim=-2))
 
     def draft_states(self, h: Tensor, targets: Tensor) -> list[Tensor]:
         """Teacher-forced states of the draft heads for training: head k's (B, T - k, C) at positions i < T - k,
@@ -283,14 +283,14 @@ class _Seq2SeqBase(nn.Module):
             states.append(g)
         return states
 
-    def draft(self, h: Tensor, token: Tensor, choose) -> tuple[Tensor, Tensor]:
-        """The heads' proposals after the main head's `token` (n,) at hidden states h (n, C): tokens (n, K) and
-        their log-probabilities (n, K, V), by choose(logits) -> (tokens, log-probabilities). Parallel heads
-        propose in one output projection, chained heads one after another."""
+    def draft(self, h: Tensor, token: Tensor, choose, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """The proposals of the first `k` heads (default all) after the main head's `token` (n,) at hidden states
+        h (n, C): tokens (n, k) and their log-probabilities (n, k, V), by choose(logits) -> (tokens,
+        log-probabilities). Parallel heads propose in one output projection, chained heads one after another."""
         if not self.cfg.draft_chain:
-            return choose(self.draft_logits(h))
+            return choose(self.draft_logits(h, k))
         g, previous, tokens, lprobs = h, token, [], []
-        for head in self.draft_heads:
+        for head in self.draft_heads[:k]:
             g = head(g, self.tgt_embed.token(previous) * self.tgt_embed.scale)
             previous, q = choose(self.logits(g))
             tokens.append(previous)
