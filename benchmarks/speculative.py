@@ -117,6 +117,10 @@ def main() -> None:
     parser.add_argument("--draft-k", type=int, default=4, help="tokens the draft model proposes per pass")
     parser.add_argument("--hf", action="store_true",
                         help="with --draft: Hugging Face greedy and assisted generation on the copied weights")
+    parser.add_argument("--forms", nargs="+", choices=["float32", "prepacked"], default=["float32", "prepacked"],
+                        help="linear layers as trained, and (on the CPU) prepacked for oneDNN")
+    parser.add_argument("--settings", nargs="+", choices=["batch1", "batched"], default=["batch1", "batched"],
+                        help="one sentence at a time, and 4096-token batches")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--sentences", type=int, default=1000)
@@ -141,8 +145,8 @@ def main() -> None:
                                                                  args.head_steps, args.data_dir, args.device,
                                                                  train_files, args.chain), 1)
     model, tokenizer, recipe = load_model(heads_run, args.device)
-    models = {"float32": model}
-    if args.device == "cpu":
+    models = {"float32": model} if "float32" in args.forms else {}
+    if args.device == "cpu" and "prepacked" in args.forms:
         models["prepacked"] = prepack(load_model(heads_run, args.device)[0])
     corpus = load_corpus(recipe.data.test, recipe.data.src_lang, recipe.data.tgt_lang, args.data_dir)
     lines, refs = corpus.src[:args.sentences], corpus.tgt[:args.sentences]
@@ -151,6 +155,7 @@ def main() -> None:
                     "threads": torch.get_num_threads()})
 
     settings = {"batch1": DecodeConfig(beam=1, batch_tokens=1), "batched": DecodeConfig(beam=1, batch_tokens=4096)}
+    settings = {name: options for name, options in settings.items() if name in args.settings}
     systems = {}
     for form, m in models.items():
         suffix = "" if form == "float32" else f"_{form}"
@@ -171,8 +176,8 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 best[name, setting] = min(seconds, best.get((name, setting), float("inf")))
                 outputs[name, setting] = out
-                if stats is not None and name.startswith("heads") and not name.endswith("_prepacked"):
-                    k = name.removeprefix("heads")  # "" (all heads) or "_k<K>"
+                if stats is not None and name.startswith("heads"):
+                    k = name.removeprefix("heads")  # "" (all heads) or "_k<K>", then "_prepacked" or ""
                     metrics[f"tokens_per_pass{k}_{setting}"] = round(stats.tokens_per_pass, 3)
                     metrics[f"acceptance{k}_{setting}"] = round(stats.accepted / max(stats.proposed, 1), 3)
                 if name == "draft_model":
@@ -192,7 +197,7 @@ def main() -> None:
         # greedy in translator (prepacking rounds differently; Hugging Face computes the same function).
         greedy = "greedy_prepacked" if name.endswith("_prepacked") and not name.startswith("greedy") else \
             "hf_greedy" if name.startswith("hf_assisted") else "greedy"
-        if name != greedy:
+        if name != greedy and ((greedy, setting) in outputs or (greedy, "batch1") in outputs):
             metrics[f"{name}_{setting}_lines_differing_from_{greedy}"] = sum(
                 a != b for a, b in zip(out, outputs[greedy, setting if (greedy, setting) in outputs else "batch1"]))
         metrics[f"{name}_{setting}_bleu"] = round(bleu.corpus_score(tokenizer.decode(out), [refs]).score, 2)
@@ -211,8 +216,10 @@ def main() -> None:
     save_result(args.name or f"speculative_{args.device}", metrics, args.device, model=args.model,
                 extra_versions=("transformers",) if args.hf else (),
                 notes="greedy and heads decode the same sentences in turn within each repeat; the fastest repeat "
-                      "counts; the main head's weights are the model's own (heads trained with the base frozen"
-                      + (", on its own greedy translations)" if args.distill else ")"))
+                      "counts; " + ("the heads trained with the model from the start (multi-token prediction)"
+                                    if recipe.train.freeze == "none" else
+                                    "the main head's weights are the model's own (heads trained with the base frozen"
+                                    + (", on its own greedy translations)" if args.distill else ")")))
 
 
 if __name__ == "__main__":
