@@ -18,13 +18,15 @@ same weights copied into Hugging Face MarianMT (translator.export.to_marian), `g
 with the draft's default generation settings and with a constant --draft-k tokens per pass. With --fewer-heads K
 ..., also with only the first K heads proposing. Results in
 benchmarks/results/speculative_<device>.json; speedup_batch1 and speedup_batched are heads over plain greedy
-with float32 layers, the _prepacked ones with prepacked layers.
+with float32 layers, the _prepacked ones with prepacked layers, from the fastest repeat of each; _per_repeat and
+_median give the ratio within each repeat and its median (steadier where the machine's speed drifts).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import subprocess
 import sys
 import time
@@ -167,6 +169,7 @@ def main() -> None:
         draft = load_model(args.draft, args.device)[0]
         systems["draft_model"] = lambda options: speculative_ids(model, draft, sources, options, k=args.draft_k)
     best: dict = {}
+    each: dict = {}  # every repeat's seconds
     outputs: dict = {}
     for _ in range(args.repeats):  # turns within each repeat: a slow spell of the machine falls on all alike
         for setting, options in settings.items():
@@ -175,6 +178,7 @@ def main() -> None:
                 out, stats = run(options)
                 seconds = time.perf_counter() - start
                 best[name, setting] = min(seconds, best.get((name, setting), float("inf")))
+                each.setdefault((name, setting), []).append(seconds)
                 outputs[name, setting] = out
                 if stats is not None and name.startswith("heads"):
                     k = name.removeprefix("heads")  # "" (all heads) or "_k<K>", then "_prepacked" or ""
@@ -205,10 +209,17 @@ def main() -> None:
     for form in models:
         suffix = "" if form == "float32" else f"_{form}"
         for setting in settings:
-            metrics[f"speedup_{setting}{suffix}"] = round(best["greedy" + suffix, setting] / best["heads" + suffix, setting], 2)
-            for k in args.fewer_heads:
-                metrics[f"speedup_{setting}{suffix}_k{k}"] = round(best["greedy" + suffix, setting]
-                                                                   / best[f"heads_k{k}{suffix}", setting], 2)
+            for k in [None, *args.fewer_heads]:
+                name, key = ("heads", "") if k is None else (f"heads_k{k}", f"_k{k}")
+                greedy, heads = each["greedy" + suffix, setting], each[name + suffix, setting]
+                metrics[f"speedup_{setting}{suffix}{key}"] = round(min(greedy) / min(heads), 2)
+                # On a machine whose speed drifts, the ratio within each repeat (the two ran minutes apart)
+                # varies less than the ratio of the fastest repeats.
+                metrics[f"speedup_{setting}{suffix}{key}_per_repeat"] = [round(g / h, 2) for g, h in zip(greedy, heads)]
+                metrics[f"speedup_{setting}{suffix}{key}_median"] = round(statistics.median(
+                    g / h for g, h in zip(greedy, heads)), 2)
+    for (name, setting), seconds in each.items():
+        metrics[f"{name}_{setting}_seconds_per_repeat"] = [round(t, 2) for t in seconds]
     for setting in settings if args.draft else ():
         metrics[f"speedup_draft_model_{setting}"] = round(best["greedy", setting] / best["draft_model", setting], 2)
     for name in ("hf_assisted", "hf_assisted_constant") if args.hf else ():

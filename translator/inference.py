@@ -224,7 +224,8 @@ def speculative_ids(model: EncoderDecoder | DecoderOnly, draft: EncoderDecoder |
 @torch.inference_mode()  # cheaper than no_grad for the many small ops of a decoding step
 def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: str = "sample",
                  sampling: dict | None = None, generator: torch.Generator | None = None,
-                 batch_tokens: int = 8192, speculate_heads: bool = False, draft_k: int | None = None) -> list[list[int]]:
+                 batch_tokens: int = 8192, speculate_heads: bool = False,
+                 draft_k: int | None = None) -> list[list[int]]:
     """Continue each prompt (token ids) with a language model, up to max_new_tokens or EOS, in batches of
     similar length. Prompts start after an EOS, as every line does in the packed training stream. With
     speculate_heads, the model's first draft_k draft heads (default all) propose and the model verifies (greedy:
