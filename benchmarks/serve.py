@@ -203,7 +203,8 @@ def main() -> None:
             if engine == "translator":
                 command = [sys.executable, "-m", "translator.cli", "serve", "--model", args.model, "--port", str(port),
                            "--device", "cpu", "--beam", str(args.beam), "--lenpen", "1.0", "--lp-form", "length",
-                           "--max-len-a", "1", "--max-len-b", "50", "--mbr", "0"] + ([] if batching else ["--no-batching"])
+                           "--max-len-a", "1", "--max-len-b", "50", "--mbr", "0",
+                           *([] if batching else ["--no-batching"])]
             else:
                 command = [sys.executable, __file__, "--backend-ctranslate2", str(work / "ct2"), "--model", args.model,
                            "--port", str(port), "--threads", str(args.threads)] + ([] if batching else ["--no-batching"])

@@ -118,8 +118,8 @@ def translate_lines(model, tokenizer, lines: list[str], options, mode: str = "be
     elif draft is not None:
         if prefixes is not None:
             raise ValueError("speculative decoding (--draft) does not take target prefixes")
-        found, rate = speculative_ids(model, draft, ids, options, k=draft_k or 4, sampling=sampling,
-                                      generator=generator)
+        found, rate = speculative_ids(model, draft, ids, options, k=4 if draft_k is None else draft_k,
+                                      sampling=sampling, generator=generator)
         hypotheses = [[(tokens, float("nan"))] for tokens in found]
         log.debug("speculative decoding: %.1f%% of draft tokens accepted", 100 * rate)
     elif options.mbr and mode == "beam":  # beam search's candidates, reordered by expected utility
