@@ -16,7 +16,8 @@ tokens), one sentence at a time and batched; with --hf as well, the outside refe
 same weights copied into Hugging Face MarianMT (translator.export.to_marian), `generate` greedy against
 `generate(assistant_model=the draft)` one sentence at a time (assisted generation takes one sentence per call),
 with the draft's default generation settings and with a constant --draft-k tokens per pass. With --fewer-heads K
-..., also with only the first K heads proposing. Results in
+..., also with only the first K heads proposing; with --rows N ..., also proposing only while a batch has at most
+N unfinished sentences (--speculate-rows; the heads system uses the default). Results in
 benchmarks/results/speculative_<device>.json; speedup_batch1 and speedup_batched are heads over plain greedy
 with float32 layers, the _prepacked ones with prepacked layers, from the fastest repeat of each; _per_repeat and
 _median give the ratio within each repeat and its median (steadier where the machine's speed drifts).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -115,6 +117,9 @@ def main() -> None:
     parser.add_argument("--fewer-heads", type=int, nargs="*", default=[],
                         help="also propose with only the first K heads (translate --speculate heads --draft-k K), "
                              "for each K given: a pass with fewer rows costs less")
+    parser.add_argument("--rows", type=int, nargs="*", default=[],
+                        help="also with --speculate-rows N for each N given (proposals only while a batch has at most N "
+                             "unfinished sentences; 0: always); the default is DecodeConfig's")
     parser.add_argument("--draft", help="also a separate draft model (run directory) on the same tokenizer")
     parser.add_argument("--draft-k", type=int, default=4, help="tokens the draft model proposes per pass")
     parser.add_argument("--hf", action="store_true",
@@ -154,17 +159,21 @@ def main() -> None:
     lines, refs = corpus.src[:args.sentences], corpus.tgt[:args.sentences]
     sources = tokenizer.encode(lines)
     metrics.update({"sentences": len(lines), "draft_heads": model.cfg.draft_heads, "heads_run": heads_run,
-                    "threads": torch.get_num_threads()})
+                    "threads": torch.get_num_threads(), "speculate_rows_default": DecodeConfig.speculate_rows})
 
     settings = {"batch1": DecodeConfig(beam=1, batch_tokens=1), "batched": DecodeConfig(beam=1, batch_tokens=4096)}
     settings = {name: options for name, options in settings.items() if name in args.settings}
     systems = {}
+    variants = {"": {}}  # how each heads system differs from the default, by its name after "heads"
+    variants.update({f"_k{k}": {"k": k} for k in args.fewer_heads})
+    variants.update({f"_rows{n}": {"rows": n} for n in args.rows})
     for form, m in models.items():
         suffix = "" if form == "float32" else f"_{form}"
         systems["greedy" + suffix] = lambda options, m=m: ([o[0] for o in translate_ids(m, sources, options, mode="greedy")], None)
-        systems["heads" + suffix] = lambda options, m=m: self_speculative_ids(m, sources, options)
-        for k in args.fewer_heads:
-            systems[f"heads_k{k}{suffix}"] = lambda options, m=m, k=k: self_speculative_ids(m, sources, options, k=k)
+        for key, change in variants.items():
+            systems[f"heads{key}{suffix}"] = lambda options, m=m, change=change: self_speculative_ids(
+                m, sources, dataclasses.replace(options, speculate_rows=change.get("rows", options.speculate_rows)),
+                k=change.get("k"))
     if args.draft:
         draft = load_model(args.draft, args.device)[0]
         systems["draft_model"] = lambda options: speculative_ids(model, draft, sources, options, k=args.draft_k)
@@ -174,6 +183,8 @@ def main() -> None:
     for _ in range(args.repeats):  # turns within each repeat: a slow spell of the machine falls on all alike
         for setting, options in settings.items():
             for name, run in systems.items():
+                if "_rows" in name and setting == "batch1":  # one sentence is below any row limit: as "heads"
+                    continue
                 start = time.perf_counter()
                 out, stats = run(options)
                 seconds = time.perf_counter() - start
@@ -181,7 +192,7 @@ def main() -> None:
                 each.setdefault((name, setting), []).append(seconds)
                 outputs[name, setting] = out
                 if stats is not None and name.startswith("heads"):
-                    k = name.removeprefix("heads")  # "" (all heads) or "_k<K>", then "_prepacked" or ""
+                    k = name.removeprefix("heads")  # "" (the defaults), "_k<K>" or "_rows<N>", then "_prepacked"
                     metrics[f"tokens_per_pass{k}_{setting}"] = round(stats.tokens_per_pass, 3)
                     metrics[f"acceptance{k}_{setting}"] = round(stats.accepted / max(stats.proposed, 1), 3)
                 if name == "draft_model":
@@ -209,8 +220,10 @@ def main() -> None:
     for form in models:
         suffix = "" if form == "float32" else f"_{form}"
         for setting in settings:
-            for k in [None, *args.fewer_heads]:
-                name, key = ("heads", "") if k is None else (f"heads_k{k}", f"_k{k}")
+            for key in variants:
+                name = "heads" + key
+                if (name + suffix, setting) not in each:
+                    continue
                 greedy, heads = each["greedy" + suffix, setting], each[name + suffix, setting]
                 metrics[f"speedup_{setting}{suffix}{key}"] = round(min(greedy) / min(heads), 2)
                 # On a machine whose speed drifts, the ratio within each repeat (the two ran minutes apart)

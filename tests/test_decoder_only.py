@@ -1,6 +1,8 @@
 """The decoder-only model in use: translation as one sequence, generation, and speculative decoding."""
 
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -44,7 +46,9 @@ def test_greedy_speculative_equals_greedy(arch, k):
     expected = [o[0] for o in translate_ids(target, sources, options, mode="greedy")]
     batched, rate = speculative_ids(target, draft, sources, options, k=k)
     alone, _ = speculative_ids(target, draft, sources, DecodeConfig(beam=1, max_len_b=20, batch_tokens=1), k=k)
-    assert batched == expected and alone == expected
+    # Proposing only once at most 3 rows are left: the draft reads the plain steps' tokens until then.
+    small, _ = speculative_ids(target, draft, sources, dataclasses.replace(options, speculate_rows=3), k=k)
+    assert batched == expected and alone == expected and small == expected
     assert 0 <= rate <= 1
 
 

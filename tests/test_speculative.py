@@ -80,10 +80,9 @@ class ScriptedState:
         keep = index.tolist()
         self.rows, self.fed = [self.rows[i] for i in keep], [self.fed[i] for i in keep]
 
-    def reject(self, keep):
-        for i, mask in enumerate(keep.tolist()):
-            fed = self.fed[i][:len(self.fed[i]) - len(mask)]
-            self.fed[i] = fed + [t for t, k in zip(self.fed[i][len(fed):], mask) if k]
+    def reject(self, kept, fed):
+        for i, n in enumerate(kept):
+            self.fed[i] = self.fed[i][:len(self.fed[i]) - fed + n]
 
 
 @pytest.mark.parametrize("mistakes", [[], [(0, 1, 2), (0, 4, 1), (2, 0, 1), (2, 3, 3), (4, 2, 2)],
@@ -110,6 +109,11 @@ def test_speculative_greedy_equals_greedy_with_rows_accepting_different_counts(m
     limited, _ = self_speculative(model.feed, model.main, heads(model.draft), ScriptedState(n), prefix, 5, EOS,
                                   banned=(PAD, BOS))
     assert limited == greedy(model.step, Rows(), prefix, 5, EOS, banned=(PAD, BOS))  # the output limit binds
+    # Proposals only once at most 2 rows are unfinished; plain steps before.
+    few, few_stats = self_speculative(model.feed, model.main, heads(model.draft), ScriptedState(n), prefix, 20, EOS,
+                                      banned=(PAD, BOS), max_rows=2)
+    assert few == expected
+    assert 0 < few_stats.proposed < 3 * few_stats.passes and few_stats.passes >= stats.passes
 
 
 @pytest.mark.parametrize("proposer", ["heads", "draft_model"])
@@ -123,14 +127,14 @@ def test_speculative_sampling_follows_the_target_distribution(proposer):
         def reorder(self, index, group=1, sentences=None):
             pass
 
-        def reject(self, keep):
+        def reject(self, kept, fed):
             pass
 
     def feed(new, state):
         return torch.zeros(new.size(0), new.size(1), 1)
 
-    def scores(probs, k=None):
-        return lambda h: probs.log().expand(*h.shape[:-1], *([k] if k else []), 6)
+    def scores(probs, k=None):  # fresh tensors, as the model's are (self_speculative writes into them)
+        return lambda h: probs.log().expand(*h.shape[:-1], *([k] if k else []), 6).clone()
 
     def run(n, k, sampling, seed):
         prefix = torch.full((n, 1), BOS)
@@ -195,6 +199,24 @@ def test_model_speculative_greedy_equals_greedy_batched_and_alone(arch, chain):
     for k in (1, 2):  # the first k heads propose: k tokens a pass, the same output
         fewer, fewer_stats = self_speculative_ids(model, sources, options, k=k)
         assert fewer == expected and fewer_stats.proposed == k * fewer_stats.passes
+    # Plain steps while more than 3 sentences are unfinished, then proposals.
+    tail, tail_stats = self_speculative_ids(model, sources, DecodeConfig(max_len_b=10, batch_tokens=10_000,
+                                                                          speculate_rows=3))
+    assert tail == expected and 0 < tail_stats.proposed < 3 * tail_stats.passes
+
+
+def test_rejected_positions_no_row_keeps_are_forgotten():
+    torch.manual_seed(0)
+    model = tiny_with_heads("encoder_decoder")
+    state = model.start(torch.randint(4, 30, (2, 5)))
+    model.hidden(torch.full((2, 1), BOS), state)
+    model.hidden(torch.randint(4, 30, (2, 4)), state)  # a main token and 3 proposals per row
+    state.reject([2, 2], 4)  # both rows keep 2: the last 2 positions are gone, nothing is hidden
+    assert state.length == 3 and state.rejected is None and all(cache.length == 3 for cache, _ in state.kv)
+    model.hidden(torch.randint(4, 30, (2, 4)), state)
+    state.reject([1, 3], 4)  # row 0 hides 2 of the 3 positions row 1 keeps
+    assert state.length == 6 and state.rejected.tolist() == [[False] * 4 + [True] * 2, [False] * 6]
+    assert state.positions(torch.zeros(2, 1, dtype=torch.long)).tolist() == [[4], [6]]
 
 
 @pytest.mark.parametrize("k", [0, 4])
@@ -243,7 +265,7 @@ def test_heads_trained_onto_a_frozen_model_speed_it_up_and_change_nothing_else(t
     heads = {k for k in model.state_dict() if k.startswith("draft_heads.")}
     assert len(heads) == 6 and all(torch.equal(v, model.state_dict()[k]) for k, v in base.state_dict().items())
     sources = tokenizer.encode((data_dir / "toy/valid.en").read_text().splitlines()[:60])
-    options = DecodeConfig(beam=1, batch_tokens=10_000)
+    options = DecodeConfig(beam=1, batch_tokens=10_000, speculate_rows=0)  # 60 rows, proposing from the start
     expected = [o[0] for o in translate_ids(model, sources, options, mode="greedy")]
     batched, stats = self_speculative_ids(model, sources, options)
     alone, _ = self_speculative_ids(model, sources, DecodeConfig(beam=1, batch_tokens=1))

@@ -146,12 +146,19 @@ class DecodeState:
         if self.rejected is not None:
             self.rejected = self.rejected[:, :length]
 
-    def reject(self, keep: Tensor) -> None:
-        """Of the last keep.size(1) positions fed, hide those where keep (N, T) is False, row by row."""
-        before = self.length - keep.size(1)
-        fed = keep.new_zeros(keep.size(0), before) if self.rejected is None else \
-            torch.nn.functional.pad(self.rejected, (0, before - self.rejected.size(1)), value=False)
-        self.rejected = torch.cat([fed, ~keep], dim=1)
+    def reject(self, kept: Sequence[int], fed: int) -> None:
+        """Of the last `fed` positions fed, row i keeps its first kept[i] and hides the rest (speculative decoding:
+        rows keep different numbers of drafted tokens). Positions no row keeps are forgotten, so that one sentence
+        (or rows that keep alike) carries no hidden positions and needs no mask for them."""
+        longest, start = max(kept), self.length - fed
+        self.truncate(start + longest)
+        if self.rejected is None and min(kept) == longest:
+            return
+        device = self.kv[0][0].kv.device
+        hide = torch.arange(longest, device=device) >= torch.tensor(kept, device=device)[:, None]
+        before = hide.new_zeros(len(kept), start) if self.rejected is None else \
+            torch.nn.functional.pad(self.rejected, (0, start - self.rejected.size(1)), value=False)
+        self.rejected = torch.cat([before, hide], dim=1)
         self.fewest_rejected = int(self.rejected.sum(dim=1).min())
 
     def end(self, new: Tensor) -> int:

@@ -253,6 +253,10 @@ class DecodeConfig:
     mbr: int = 0
     mbr_utility: str = "bleu"
     mbr_weights: str = "model"
+    # Speculative decoding (--speculate heads, --draft) proposes only while a batch has at most this many unfinished
+    # sentences, and takes plain steps before: verifying K proposals multiplies a step's arithmetic by K + 1,
+    # which small batches hide (their steps are bound by per-step overhead) and large ones pay. 0: at any size.
+    speculate_rows: int = 16
 
 
 SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "train": TrainConfig, "decode": DecodeConfig}

@@ -29,12 +29,14 @@ def _decode_options(recipe, args):
 
     options = dataclasses.replace(recipe.decode)
     for name in ("beam", "lenpen", "lp_form", "max_len_a", "max_len_b", "batch_tokens", "beam_stop", "cuda_graphs",
-                 "mbr", "mbr_utility", "mbr_weights"):
+                 "mbr", "mbr_utility", "mbr_weights", "speculate_rows"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(options, name, value)
     if options.beam < 1 or options.batch_tokens < 1:
         raise ValueError("--beam and --batch-tokens must be positive")
+    if options.speculate_rows < 0:
+        raise ValueError(f"--speculate-rows {options.speculate_rows}: must be positive (0: speculate at any batch size)")
     if options.mbr == 1 or options.mbr < 0:
         raise ValueError(f"--mbr {options.mbr}: MBR chooses among at least 2 candidates (0: off)")
     if options.max_len_a < 0 or options.max_len_b < 0 or options.max_len_a == options.max_len_b == 0:
@@ -234,6 +236,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         check_draft_heads(model, args.draft_k)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be positive")
+    if args.speculate_rows < 0:
+        raise ValueError(f"--speculate-rows {args.speculate_rows}: must be positive (0: speculate at any batch size)")
     prompts = iter([args.prompt]) if args.prompt is not None else read_input(args.input)
     mode = "greedy" if args.greedy else "sample"
     sampling = _sampling(args)
@@ -244,7 +248,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
             texts = [line.strip() for line in chunk]
             ids = [x if text else [] for x, text in zip(tokenizer.encode(texts), texts)]
             continuations = generate_ids(model, ids, args.max_new_tokens, mode, sampling, generator,
-                                         speculate_heads=args.speculate == "heads", draft_k=args.draft_k)
+                                         speculate_heads=args.speculate == "heads", draft_k=args.draft_k,
+                                         speculate_rows=args.speculate_rows)
             for text, cont in zip(texts, tokenizer.decode(continuations)):
                 line = f"{text} {cont}".strip() if args.echo else cont
                 out.write(one_line(line) + "\n")

@@ -416,6 +416,7 @@ class DraftModel:
     def __init__(self, feed: Callable[[Tensor, State], Tensor], logits: Callable[[Tensor], Tensor], state, prefix: Tensor,
                  k: int):
         self.feed, self.logits, self.state, self.k = feed, logits, state, k
+        self.fed = 0  # positions fed in the last round
         feed(prefix, state)
 
     def __call__(self, h: Tensor, token: Tensor, choose) -> tuple[Tensor, Tensor]:
@@ -426,41 +427,58 @@ class DraftModel:
             q.append(lprobs)
             x = proposal[:, None]
         self.feed(x, self.state)
+        self.fed = self.k + 1
         return torch.stack(proposals, dim=1), torch.stack(q, dim=1)
 
-    def update(self, kept: Tensor) -> None:
-        """kept (n,): proposals the model kept per row; the draft forgets the others."""
-        self.state.reject(torch.arange(self.k + 1, device=kept.device) <= kept[:, None])
+    def skip(self, token: Tensor) -> None:
+        """A round without proposals: the draft only reads the model's token."""
+        self.feed(token[:, None], self.state)
+        self.fed = 1
+
+    def update(self, kept: Sequence[int]) -> None:
+        """kept: proposals the model kept per row; the draft forgets the others."""
+        self.state.reject([n + 1 for n in kept], self.fed)
 
     def reorder(self, index: Tensor) -> None:
         self.state.reorder(index, sentences=index.tolist())
 
 
+def _at(t: Tensor, index: Sequence[int]) -> Tensor:
+    """t[i, index[i]] for each row i of t (n, T, ...): a plain slice where every row has the same index (one
+    sentence at a time, always), which spares building index tensors."""
+    if len(set(index)) == 1:
+        return t[:, index[0]]
+    return t[torch.arange(t.size(0), device=t.device), torch.tensor(index, device=t.device)]
+
+
 def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Tensor], Tensor], propose, state,
                      prefix: Tensor, max_len: int | Tensor, eos: int, banned: Sequence[int] = (),
-                     sampling: dict | None = None,
-                     generator: torch.Generator | None = None) -> tuple[list[list[int]], SpeculationStats]:
+                     sampling: dict | None = None, generator: torch.Generator | None = None,
+                     max_rows: int | None = None) -> tuple[list[list[int]], SpeculationStats]:
     """Batched speculative decoding (Leviathan et al., 2023), with the model's own draft heads proposing (Medusa's
     scheme: propose=model.draft) or a separate draft model (propose=DraftModel(...)).
     feed(new (N, T), state) -> hidden states (N, T, C) after those the state holds; main(h) -> next-token logits
     (..., V), a fresh tensor (it is overwritten); propose(h, token, choose) -> K proposals (n, K) after the
     model's next `token`, and their log-probabilities (n, K, V), where `choose` turns fresh logits into (tokens,
-    log-probabilities); a proposer may offer update(kept) and reorder(index). `state` must offer reorder and
-    reject(keep) (see DecodeState).
+    log-probabilities); a proposer may offer update(kept), reorder(index) and skip(token) (a round without
+    proposals). `state` must offer reorder and reject(kept, fed) (see DecodeState).
     Each round feeds every row its main token and the K proposals in one pass; each row keeps the longest run of
     proposals the model agrees with (rows keep different numbers), plus the model's own next token. Greedy
     (sampling=None) gives exactly greedy()'s output; with sampling (temperature, top_k, top_p) every kept token
     follows the model's filtered distribution (a proposal x is kept with probability min(1, p(x) / q(x)), else
-    the next token is drawn from max(0, p - q))."""
+    the next token is drawn from max(0, p - q)).
+    Rounds propose only while at most `max_rows` rows are unfinished (None: always); until then they are plain
+    steps. A pass over K + 1 tokens a row costs about K + 1 steps' arithmetic, which a large batch pays in full,
+    whereas a small one is bound by the per-step overhead (vLLM likewise turns speculation off above a batch size)."""
     B, device = prefix.size(0), prefix.device
     limits = _as_lengths(max_len, B, device).tolist()
-    banned = list(banned)
+    banned = torch.tensor(list(banned), dtype=torch.long, device=device)
     stats = SpeculationStats()
 
     def distribution(logits: Tensor) -> Tensor:  # (..., V) -> log-probabilities, banned tokens excluded
         logits = logits.float()
-        logits[..., banned] = -torch.inf  # in place: main and the proposer return fresh tensors (a copy took
-        # ~7% of a pass one sentence at a time, in torch's profiler)
+        if banned.numel():  # in place: main and the proposer return fresh tensors (a copy took ~7% of a pass
+            logits.index_fill_(-1, banned, -torch.inf)  # one sentence at a time, in torch's profiler)
         if sampling is None:
             return logits  # greedy reads only the argmax: normalising would not change it
         shape = logits.shape
@@ -477,6 +495,13 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
         lprobs = distribution(logits)
         return pick(lprobs.reshape(-1, lprobs.size(-1))).view(lprobs.shape[:-1]), lprobs
 
+    def proposals_after(h: Tensor, token: Tensor) -> tuple[Tensor, Tensor | None]:
+        if max_rows is None or h.size(0) <= max_rows:
+            return propose(h, token, choose)
+        if hasattr(propose, "skip"):
+            propose.skip(token)
+        return token.new_empty(h.size(0), 0), None
+
     def drop(index: Tensor, keep: list[int]) -> None:
         state.reorder(index, sentences=keep)
         if hasattr(propose, "reorder"):
@@ -484,7 +509,7 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
 
     h = feed(prefix, state)[:, -1]
     token = pick(distribution(main(h)))
-    proposals, q = propose(h, token, choose)
+    proposals, q = proposals_after(h, token)
     alive = list(range(B))  # original index of each row
     out: list[list[int]] = [[] for _ in range(B)]
     while True:
@@ -499,41 +524,50 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
                 break
             index = torch.tensor(live, device=device)
             drop(index, live)
-            alive, token, proposals, q = [alive[i] for i in live], token[index], proposals[index], q[index]
+            alive, token, proposals = [alive[i] for i in live], token[index], proposals[index]
+            q = None if q is None else q[index]
         K = proposals.size(1)
         h = feed(torch.cat([token[:, None], proposals], dim=1), state)  # (n, K + 1, C)
         p = distribution(main(h))  # (n, K + 1, V): p[:, j] follows the main token and the first j proposals
         stats.passes += len(alive)
-        if sampling is None:
-            agree = p[:, :K].argmax(dim=-1) == proposals
-        else:
-            ratio = (p[:, :K].gather(2, proposals[..., None]) - q.gather(2, proposals[..., None])).squeeze(2).exp()
-            agree = torch.rand(ratio.shape, generator=generator, device=device) < ratio
-        # A row keeps its leading run of agreed proposals, up to EOS and within its limit.
-        room = torch.tensor([limits[row] - len(out[row]) for row in alive], device=device)
-        after_eos = torch.cumsum((proposals == eos).long(), dim=1) - (proposals == eos).long() > 0
-        agree = agree & ~after_eos & (torch.arange(K, device=device) < room[:, None])
-        n = agree.long().cumprod(dim=1).sum(dim=1)  # (n,)
-        stats.proposed += K * len(alive)
-        state.reject(torch.arange(K + 1, device=device) <= n[:, None])
+        best = p.argmax(dim=-1) if sampling is None else None  # (n, K + 1)
+        kept = [0] * len(alive)  # proposals each row keeps
+        if K:
+            if sampling is None:
+                agree = best[:, :K] == proposals
+            else:
+                ratio = (p[:, :K].gather(2, proposals[..., None]) - q.gather(2, proposals[..., None])).squeeze(2).exp()
+                agree = torch.rand(ratio.shape, generator=generator, device=device) < ratio
+            # A row keeps its leading run of agreed proposals, up to EOS and within its limit (on the host: in
+            # tensors this took a dozen small operations a pass).
+            for i, (row, agreed, proposed) in enumerate(zip(alive, agree.tolist(), proposals.tolist())):
+                room, n = min(K, limits[row] - len(out[row])), 0
+                while n < room and agreed[n]:
+                    n += 1
+                    if proposed[n - 1] == eos:
+                        break
+                out[row].extend(proposed[:n])
+                kept[i] = n
+            stats.proposed += K * len(alive)
+            stats.accepted += sum(kept)
+            stats.tokens += sum(kept)
+        state.reject([n + 1 for n in kept], K + 1)
         if hasattr(propose, "update"):
-            propose.update(n)
-        for row, kept, count in zip(alive, proposals.tolist(), n.tolist()):
-            out[row].extend(kept[:count])
-            stats.accepted += count
-        stats.tokens += int(n.sum())
-        ended = [i for i, row in enumerate(alive) if out[row] and out[row][-1] == eos or len(out[row]) >= limits[row]]
-        h_next = h[torch.arange(len(alive), device=device), n]  # after the last kept token
-        p_next = p[torch.arange(len(alive), device=device), n]
-        if sampling is not None:  # where a proposal was refused, the next token comes from what q under-covers
-            refused = n < K
-            if bool(refused.any()):
-                q_at = q[torch.arange(len(alive), device=device), n.clamp(max=K - 1)]
+            propose.update(kept)
+        h_next = _at(h, kept)  # after the last kept token
+        if sampling is None:
+            token = _at(best, kept)
+        else:
+            p_next = _at(p, kept)
+            if any(n < K for n in kept):  # where a proposal was refused, the next token comes from what q under-covers
+                refused = torch.tensor([n < K for n in kept], device=device)
+                q_at = _at(q, [min(n, K - 1) for n in kept])
                 residual = (p_next.exp() - q_at.exp()).clamp(min=0)
                 usable = refused & (residual.sum(dim=-1) > 0)
                 p_next = torch.where(usable[:, None], (residual / residual.sum(dim=-1, keepdim=True).clamp(min=1e-30)).log(),
                                      p_next)
-        token = pick(p_next)
+            token = pick(p_next)
+        ended = [i for i, row in enumerate(alive) if out[row] and out[row][-1] == eos or len(out[row]) >= limits[row]]
         if ended:  # finished by an accepted EOS or at the limit: their next token is not taken
             keep_rows = [i for i in range(len(alive)) if i not in set(ended)]
             if not keep_rows:
@@ -541,7 +575,7 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
             index = torch.tensor(keep_rows, device=device)
             drop(index, keep_rows)
             alive, token, h_next = [alive[i] for i in keep_rows], token[index], h_next[index]
-        proposals, q = propose(h_next, token, choose)
+        proposals, q = proposals_after(h_next, token)
     for tokens in out:
         if tokens and tokens[-1] == eos:
             tokens.pop()

@@ -157,7 +157,8 @@ def _speculate(model: EncoderDecoder | DecoderOnly, sources: list[list[int]], op
                sampling: dict | None, generator: torch.Generator | None,
                draft: EncoderDecoder | DecoderOnly | None = None) -> tuple[list[list[int]], SpeculationStats]:
     """self_speculative over batches of similar length; proposer(state, prefix) makes a batch's proposer, given the
-    draft's state when there is a draft model."""
+    draft's state when there is a draft model. Rounds propose while a batch has at most options.speculate_rows
+    unfinished rows."""
     cfg = model.cfg
     prepare = _encoder_decoder_batch if cfg.arch == "encoder_decoder" else _decoder_only_batch
     results: list[list[int]] = [[] for _ in sources]
@@ -171,7 +172,8 @@ def _speculate(model: EncoderDecoder | DecoderOnly, sources: list[list[int]], op
             draft_state.position_cap, limit = draft.cfg.max_positions - 1, torch.minimum(limit, draft_limit)
         outputs, counts = self_speculative(model.hidden, model.logits, proposer(draft_state, prefix), state, prefix,
                                            limit, cfg.eos_id, banned=(cfg.pad_id, cfg.bos_id), sampling=sampling,
-                                           generator=generator)
+                                           generator=generator,
+                                           max_rows=options.speculate_rows or None)
         for row, i in enumerate(batch):
             results[i] = outputs[row]
         stats.add(counts)
@@ -225,11 +227,11 @@ def speculative_ids(model: EncoderDecoder | DecoderOnly, draft: EncoderDecoder |
 def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: str = "sample",
                  sampling: dict | None = None, generator: torch.Generator | None = None,
                  batch_tokens: int = 8192, speculate_heads: bool = False,
-                 draft_k: int | None = None) -> list[list[int]]:
+                 draft_k: int | None = None, speculate_rows: int = 16) -> list[list[int]]:
     """Continue each prompt (token ids) with a language model, up to max_new_tokens or EOS, in batches of
     similar length. Prompts start after an EOS, as every line does in the packed training stream. With
     speculate_heads, the model's first draft_k draft heads (default all) propose and the model verifies (greedy:
-    the same output)."""
+    the same output), while a batch has at most speculate_rows unfinished prompts (0: always)."""
     cfg, device = model.cfg, next(model.parameters()).device
     keep = cfg.max_positions - 2  # room for the leading EOS and at least one new token
     prompts = [list(p)[-keep:] for p in prompts]
@@ -246,7 +248,8 @@ def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_t
             state.position_cap = cfg.max_positions - 1
             out, _ = self_speculative(model.hidden, model.logits, partial(model.draft, k=k),
                                       state, tokens, limit, cfg.eos_id, banned=banned,
-                                      sampling=None if mode == "greedy" else (sampling or {}), generator=generator)
+                                      sampling=None if mode == "greedy" else (sampling or {}), generator=generator,
+                                      max_rows=speculate_rows or None)
         elif mode == "greedy":
             out = greedy(model.step, model.start(tokens), tokens, limit, cfg.eos_id, banned=banned)
         else:
