@@ -518,13 +518,14 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
         for row, t in zip(alive, token.tolist()):
             out[row].append(t if len(out[row]) < limits[row] else eos)
         stats.tokens += len(alive)
-        live = [i for i, row in enumerate(alive) if out[row][-1] != eos and len(out[row]) < limits[row]]
-        if len(live) < len(alive):
-            if not live:
+        done = {i for i, row in enumerate(alive) if out[row][-1] == eos or len(out[row]) >= limits[row]}
+        if done:
+            if len(done) == len(alive):
                 break
-            index = torch.tensor(live, device=device)
-            drop(index, live)
-            alive, token, proposals = [alive[i] for i in live], token[index], proposals[index]
+            keep = _fill_gaps(done, len(alive))
+            index = torch.tensor(keep, device=device)
+            drop(index, keep)
+            alive, token, proposals = [alive[i] for i in keep], token[index], proposals[index]
             q = None if q is None else q[index]
         K = proposals.size(1)
         h = feed(torch.cat([token[:, None], proposals], dim=1), state)  # (n, K + 1, C)
@@ -567,14 +568,14 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
                 p_next = torch.where(usable[:, None], (residual / residual.sum(dim=-1, keepdim=True).clamp(min=1e-30)).log(),
                                      p_next)
             token = pick(p_next)
-        ended = [i for i, row in enumerate(alive) if out[row] and out[row][-1] == eos or len(out[row]) >= limits[row]]
+        ended = {i for i, row in enumerate(alive) if out[row] and out[row][-1] == eos or len(out[row]) >= limits[row]}
         if ended:  # finished by an accepted EOS or at the limit: their next token is not taken
-            keep_rows = [i for i in range(len(alive)) if i not in set(ended)]
-            if not keep_rows:
+            if len(ended) == len(alive):
                 break
-            index = torch.tensor(keep_rows, device=device)
-            drop(index, keep_rows)
-            alive, token, h_next = [alive[i] for i in keep_rows], token[index], h_next[index]
+            keep = _fill_gaps(ended, len(alive))  # the last rows fill the gaps: few cache rows move
+            index = torch.tensor(keep, device=device)
+            drop(index, keep)
+            alive, token, h_next = [alive[i] for i in keep], token[index], h_next[index]
         proposals, q = proposals_after(h_next, token)
     for tokens in out:
         if tokens and tokens[-1] == eos:
