@@ -189,7 +189,7 @@ def test_model_speculative_greedy_equals_greedy_batched_and_alone(arch, chain):
     with torch.no_grad():  # an untrained model: keep EOS (logit 0 through the tied embedding) from ending at once
         model.tgt_embed.token.weight[EOS] = 0.0
     sources = [torch.randint(4, 30, (n,)).tolist() for n in (3, 8, 5, 12, 1, 6, 9, 4)]
-    options = DecodeConfig(max_len_b=10, batch_tokens=10_000)
+    options = DecodeConfig(max_len_b=10, batch_tokens=10_000, speculate_rows=0)  # proposing from the start
     expected = [o[0] for o in translate_ids(model, sources, options, mode="greedy")]
     batched, stats = self_speculative_ids(model, sources, options)
     alone, _ = self_speculative_ids(model, sources, DecodeConfig(max_len_b=10, batch_tokens=1))

@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "the first K draft heads (default: all the model has)")
     g.add_argument("--speculate-rows", dest="speculate_rows", type=int,
                    help="propose only while a batch has at most N unfinished sentences, plain steps before (default "
-                        "16: verifying K proposals costs K + 1 steps' arithmetic, which large batches pay); 0: always")
+                        "4: verifying K proposals costs K + 1 steps' arithmetic, which large batches pay); 0: always")
     p.set_defaults(func=cmd_translate)
 
     p = command("serve", "serve a model over HTTP, with a page to try it",
@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculate", choices=["heads"],
                    help="heads: the model's draft heads propose, the model verifies (greedy output unchanged)")
     p.add_argument("--draft-k", type=int, help="with --speculate heads, propose with the first K heads (default: all)")
-    p.add_argument("--speculate-rows", type=int, default=16,
+    p.add_argument("--speculate-rows", type=int, default=4,
                    help="with --speculate heads, propose only while a batch has at most N unfinished prompts (0: always)")
     p.add_argument("--chunk-lines", type=int, default=10000, help="prompts read, generated and written at a time")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

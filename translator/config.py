@@ -256,7 +256,9 @@ class DecodeConfig:
     # Speculative decoding (--speculate heads, --draft) proposes only while a batch has at most this many unfinished
     # sentences, and takes plain steps before: verifying K proposals multiplies a step's arithmetic by K + 1,
     # which small batches hide (their steps are bound by per-step overhead) and large ones pay. 0: at any size.
-    speculate_rows: int = 16
+    # On a 2-core CPU, 4096-token batches ran at 0.46x greedy's speed with 0, 0.78x with 64, 0.87x with 16 and
+    # 0.98x with 4 (benchmarks/README.md); a GPU, where arithmetic is cheaper, may gain from more (unmeasured).
+    speculate_rows: int = 4
 
 
 SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "train": TrainConfig, "decode": DecodeConfig}

@@ -36,7 +36,7 @@ def _decode_options(recipe, args):
     if options.beam < 1 or options.batch_tokens < 1:
         raise ValueError("--beam and --batch-tokens must be positive")
     if options.speculate_rows < 0:
-        raise ValueError(f"--speculate-rows {options.speculate_rows}: must be positive (0: speculate at any batch size)")
+        raise ValueError(f"--speculate-rows {options.speculate_rows}: must be 0 (propose at any batch size) or more")
     if options.mbr == 1 or options.mbr < 0:
         raise ValueError(f"--mbr {options.mbr}: MBR chooses among at least 2 candidates (0: off)")
     if options.max_len_a < 0 or options.max_len_b < 0 or options.max_len_a == options.max_len_b == 0:
@@ -237,7 +237,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be positive")
     if args.speculate_rows < 0:
-        raise ValueError(f"--speculate-rows {args.speculate_rows}: must be positive (0: speculate at any batch size)")
+        raise ValueError(f"--speculate-rows {args.speculate_rows}: must be 0 (propose at any batch size) or more")
     prompts = iter([args.prompt]) if args.prompt is not None else read_input(args.input)
     mode = "greedy" if args.greedy else "sample"
     sampling = _sampling(args)
