@@ -131,7 +131,8 @@ def test_speculate_heads_translates_as_greedy(toy_heads_dir, toy_source, tmp_pat
     code, _, err = run(["translate", "--model", toy_heads_dir, "-i", toy_source, "--speculate", "heads"], capsys)
     assert code == 1 and "pass --beam 1 or --sample" in err
     for extra, message in ((["--speculate", "heads", "--draft-k", 5], "--draft-k 5: the model has 3 draft heads"),
-                           (["--speculate", "heads", "--speculate-rows", -1], "--speculate-rows -1: must be 0 (propose at any batch size) or more"),
+                           (["--speculate", "heads", "--speculate-rows", -1],
+                            "--speculate-rows -1: must be 0 (propose at any batch size) or more"),
                            (["--draft-k", 2], "--draft-k sets how many tokens --speculate heads or --draft proposes")):
         out = tmp_path / "refused.de"
         code, _, err = run(["translate", "--model", toy_heads_dir, "-i", toy_source, "-o", out, "--beam", 1, *extra],
