@@ -394,7 +394,7 @@ def forced_prefix(step: StepFn) -> StepFn:
 
 @dataclass
 class SpeculationStats:
-    passes: int = 0  # verification passes (forward passes over the proposals), summed over sentences
+    passes: int = 0  # forward passes (verifying proposals, or plain steps above max_rows), summed over sentences
     tokens: int = 0  # tokens those passes produced (EOS included)
     proposed: int = 0  # draft proposals put to the model
     accepted: int = 0  # of which the model kept
