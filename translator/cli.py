@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import DecodeConfig
 from .decode_commands import _decode_options, _load_for_translation, cmd_generate, cmd_serve, cmd_translate
 from .lines import translate_lines
 
@@ -395,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculate", choices=["heads"],
                    help="heads: the model's draft heads propose, the model verifies (greedy output unchanged)")
     p.add_argument("--draft-k", type=int, help="with --speculate heads, propose with the first K heads (default: all)")
-    p.add_argument("--speculate-rows", type=int, default=4,
+    p.add_argument("--speculate-rows", type=int, default=DecodeConfig.speculate_rows,
                    help="with --speculate heads, propose only while a batch has at most N unfinished prompts (0: always)")
     p.add_argument("--chunk-lines", type=int, default=10000, help="prompts read, generated and written at a time")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

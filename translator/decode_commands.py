@@ -35,8 +35,7 @@ def _decode_options(recipe, args):
             setattr(options, name, value)
     if options.beam < 1 or options.batch_tokens < 1:
         raise ValueError("--beam and --batch-tokens must be positive")
-    if options.speculate_rows < 0:
-        raise ValueError(f"--speculate-rows {options.speculate_rows}: must be 0 (propose at any batch size) or more")
+    _check_speculate_rows(options.speculate_rows)
     if options.mbr == 1 or options.mbr < 0:
         raise ValueError(f"--mbr {options.mbr}: MBR chooses among at least 2 candidates (0: off)")
     if options.max_len_a < 0 or options.max_len_b < 0 or options.max_len_a == options.max_len_b == 0:
@@ -54,6 +53,11 @@ def _cpu_form(model, args):
     if getattr(args, "int8", False):
         return quantize_int8(model)
     return prepack(model) if getattr(args, "prepack", False) else model
+
+
+def _check_speculate_rows(rows: int) -> None:
+    if rows < 0:
+        raise ValueError(f"--speculate-rows {rows}: must be 0 (propose at any batch size) or more")
 
 
 def _check_speculation(args) -> None:
@@ -236,8 +240,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         check_draft_heads(model, args.draft_k)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be positive")
-    if args.speculate_rows < 0:
-        raise ValueError(f"--speculate-rows {args.speculate_rows}: must be 0 (propose at any batch size) or more")
+    _check_speculate_rows(args.speculate_rows)
     prompts = iter([args.prompt]) if args.prompt is not None else read_input(args.input)
     mode = "greedy" if args.greedy else "sample"
     sampling = _sampling(args)

@@ -502,10 +502,17 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
             propose.skip(token)
         return token.new_empty(h.size(0), 0), None
 
-    def drop(index: Tensor, keep: list[int]) -> None:
+    def finished() -> set[int]:  # rows that end: at EOS, or holding their limit (EOS would be forced next)
+        return {i for i, row in enumerate(alive) if out[row] and out[row][-1] == eos or len(out[row]) >= limits[row]}
+
+    def drop(ended: set[int]) -> Tensor:  # the rows kept; the last rows fill the gaps, so few cache rows move
+        keep = _fill_gaps(ended, len(alive))
+        index = torch.tensor(keep, device=device)
         state.reorder(index, sentences=keep)
         if hasattr(propose, "reorder"):
             propose.reorder(index)
+        alive[:] = [alive[i] for i in keep]
+        return index
 
     h = feed(prefix, state)[:, -1]
     token = pick(distribution(main(h)))
@@ -513,20 +520,16 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
     alive = list(range(B))  # original index of each row
     out: list[list[int]] = [[] for _ in range(B)]
     while True:
-        # The model's own token is kept (EOS where the row is at its limit). A row ends at EOS, or once it holds
-        # its limit (EOS would be forced next).
+        # The model's own token is kept (EOS where the row is at its limit).
         for row, t in zip(alive, token.tolist()):
             out[row].append(t if len(out[row]) < limits[row] else eos)
         stats.tokens += len(alive)
-        done = {i for i, row in enumerate(alive) if out[row][-1] == eos or len(out[row]) >= limits[row]}
-        if done:
-            if len(done) == len(alive):
+        ended = finished()
+        if ended:
+            if len(ended) == len(alive):
                 break
-            keep = _fill_gaps(done, len(alive))
-            index = torch.tensor(keep, device=device)
-            drop(index, keep)
-            alive, token, proposals = [alive[i] for i in keep], token[index], proposals[index]
-            q = None if q is None else q[index]
+            index = drop(ended)
+            token, proposals, q = token[index], proposals[index], None if q is None else q[index]
         K = proposals.size(1)
         h = feed(torch.cat([token[:, None], proposals], dim=1), state)  # (n, K + 1, C)
         p = distribution(main(h))  # (n, K + 1, V): p[:, j] follows the main token and the first j proposals
@@ -568,14 +571,12 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
                 p_next = torch.where(usable[:, None], (residual / residual.sum(dim=-1, keepdim=True).clamp(min=1e-30)).log(),
                                      p_next)
             token = pick(p_next)
-        ended = {i for i, row in enumerate(alive) if out[row] and out[row][-1] == eos or len(out[row]) >= limits[row]}
+        ended = finished()
         if ended:  # finished by an accepted EOS or at the limit: their next token is not taken
             if len(ended) == len(alive):
                 break
-            keep = _fill_gaps(ended, len(alive))  # the last rows fill the gaps: few cache rows move
-            index = torch.tensor(keep, device=device)
-            drop(index, keep)
-            alive, token, h_next = [alive[i] for i in keep], token[index], h_next[index]
+            index = drop(ended)
+            token, h_next = token[index], h_next[index]
         proposals, q = proposals_after(h_next, token)
     for tokens in out:
         if tokens and tokens[-1] == eos:

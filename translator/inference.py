@@ -227,7 +227,7 @@ def speculative_ids(model: EncoderDecoder | DecoderOnly, draft: EncoderDecoder |
 def generate_ids(model: DecoderOnly, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: str = "sample",
                  sampling: dict | None = None, generator: torch.Generator | None = None,
                  batch_tokens: int = 8192, speculate_heads: bool = False,
-                 draft_k: int | None = None, speculate_rows: int = 4) -> list[list[int]]:
+                 draft_k: int | None = None, speculate_rows: int = DecodeConfig.speculate_rows) -> list[list[int]]:
     """Continue each prompt (token ids) with a language model, up to max_new_tokens or EOS, in batches of
     similar length. Prompts start after an EOS, as every line does in the packed training stream. With
     speculate_heads, the model's first draft_k draft heads (default all) propose and the model verifies (greedy:
