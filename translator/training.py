@@ -31,6 +31,7 @@ from .batching import BlockBatches, Prefetched, ResumableBatches, TokenBatches
 from .store import MANIFEST, Store, StoreError, open_store, prepare, settings
 from .subword import SubwordSampling
 from .inference import translate_ids
+from .memory import hold_freed_memory, peak_memory_mb
 from .model import build_model
 
 log = logging.getLogger(__name__)
@@ -311,15 +312,6 @@ class LogLines(Callback):
                      float(m["val/ppl"]), bleu)
 
 
-def peak_memory_mb() -> float:
-    """This process's peak resident memory (Linux reports it in KiB, macOS in bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
-
-
 class StartupReport(Callback):
     """One line per rank at its first training step: how long the start took and the memory it holds, the two
     costs that grow with the corpus when data is not memory-mapped."""
@@ -513,6 +505,7 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
         devices: int | str | None = None, num_nodes: int | None = None, strategy: str | None = None,
         progress_bar: bool = True) -> Path:
     """Train a recipe into run_dir (created, or resumed from its last.ckpt). Returns the run directory."""
+    hold_freed_memory()  # a quarter of a CPU step's time otherwise goes to page faults (translator/memory.py)
     startup = StartupReport()
     run_dir = Path(run_dir)
     t = recipe.train
