@@ -25,7 +25,7 @@ from common import RESULTS, save_result  # noqa: E402
 from translator.checkpoint import export_weights, load_torch_checkpoint, read_recipe, write_recipe  # noqa: E402
 from translator.cli import _setup_logging, main as cli  # noqa: E402
 from translator.config import load_recipe  # noqa: E402
-from translator.training import fit  # noqa: E402
+from translator.training import fit, resolve_precision  # noqa: E402
 
 
 def learning_curve(run_dir: Path) -> list[dict]:
@@ -61,7 +61,7 @@ def plot(curve: list[dict], path: Path, title: str) -> None:
 BOOKKEEPING = {"keep_last", "log_every"}
 
 
-def reuse(run_dir: Path, recipe) -> float:
+def reuse(run_dir: Path, recipe, device: str) -> float:
     """Apply the recipe's decode section to a finished run with the same training settings; its train seconds."""
     trained = read_recipe(run_dir)
     record = run_dir / "benchmark_train.json"
@@ -76,6 +76,9 @@ def reuse(run_dir: Path, recipe) -> float:
         prepared = json.loads((run_dir / "data" / "manifest.json").read_text()).get("seconds", {})
         train_seconds = curve[-1]["seconds"] + sum(prepared.values())  # and the tokenizer and data preparation
     mine, theirs = recipe.to_dict(), trained.to_dict()
+    accelerator = "gpu" if device == "cuda" else "cpu"  # precision auto: what it resolves to on this device
+    mine["train"]["precision"] = resolve_precision(mine["train"]["precision"], accelerator)
+    theirs["train"]["precision"] = resolve_precision(theirs["train"]["precision"], accelerator)
     for section in ("model", "data", "tokenizer", "train"):
         a = {k: v for k, v in mine[section].items() if k not in BOOKKEEPING and v is not None}
         b = {k: v for k, v in theirs[section].items() if k not in BOOKKEEPING and k in a}
@@ -107,7 +110,7 @@ def main() -> None:
     name = args.name or f"multi30k_{pair}" + ("" if args.device == "cpu" else f"_{args.device}")
     run_dir = Path(args.out or f"runs/bench_{name}")
     if args.reuse:
-        train_seconds = reuse(run_dir, recipe)
+        train_seconds = reuse(run_dir, recipe, args.device)
     elif run_dir.exists():
         raise SystemExit(f"{run_dir} exists; remove it, pass another --out, or --reuse it")
     else:

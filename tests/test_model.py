@@ -366,3 +366,27 @@ def test_cpu_attention_keeps_its_flash_kernel():
     with torch.profiler.profile() as prof:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert any("flash_attention_for_cpu" in e.key for e in prof.key_averages())
+
+
+def test_attention_runs_in_float32_under_cpu_autocast(monkeypatch):
+    # On a CPU, bf16 attention's backward is several times slower than float32's while bf16 matmuls are faster
+    # (benchmarks/train_precision.py): autocast keeps the linear layers in bf16 and attention in float32.
+    seen, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = tiny().train()
+    src, tgt = random_tokens(2, 6), random_tokens(2, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(src, tgt)
+    assert logits.dtype == torch.bfloat16  # the projections did run in bf16
+    assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen), seen
+    logits.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(src, tgt).float()
+    torch.testing.assert_close(low, model(src, tgt), atol=0.1, rtol=0.05)

@@ -14,7 +14,7 @@ from translator.cli import main
 from translator.config import load_recipe
 from translator.data import read_lines
 from translator.inference import translate_ids
-from translator.training import fit, inverse_sqrt_lr, label_smoothed_loss, symmetric_kl
+from translator.training import fit, inverse_sqrt_lr, label_smoothed_loss, resolve_precision, symmetric_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,19 @@ def test_label_smoothed_loss_matches_torch_and_its_gradient(dtype):
     assert (logits.grad[0, 3:] == 0).all()  # padding takes no gradient
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"),
+                                                          (False, False, "32")])
+def test_precision_auto_is_bf16_where_the_cpu_multiplies_it(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision("auto", "cpu") == expected
+    if not torch.cuda.is_available():  # --device auto on a machine without a GPU: the CPU decides
+        assert resolve_precision("auto", None) == expected
+    for explicit in ("32", "bf16-mixed", "16-mixed"):
+        assert resolve_precision(explicit, "cpu") == explicit
+    assert load_recipe(ROOT / "recipes/multi30k/en_de.yaml", ["train.precision=auto"]).train.precision == "auto"
+
+
 def val_losses(run_dir):
     import csv
 
@@ -86,7 +99,8 @@ def test_training_lowers_validation_loss_and_leaves_a_loadable_run(toy_run, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [[], ["tokenizer.sampling={alpha: 0.2}"]], ids=["plain", "subword_sampling"])
+@pytest.mark.parametrize("overrides", [[], ["tokenizer.sampling={alpha: 0.2}"], ["train.precision=bf16-mixed"]],
+                         ids=["plain", "subword_sampling", "bf16"])
 def test_resume_continues_to_the_same_weights(toy_run, tmp_path, overrides):
     data_dir, recipe_path = toy_run
     straight = fit(load_recipe(recipe_path, overrides), tmp_path / "a", data_dir=str(data_dir), max_steps=30,
@@ -96,7 +110,7 @@ def test_resume_continues_to_the_same_weights(toy_run, tmp_path, overrides):
                   resume=True, progress_bar=False)
     a, b = read_weights(straight / "checkpoints/last.ckpt"), read_weights(resumed / "checkpoints/last.ckpt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    if overrides:  # and the sampling changed what was trained on
+    if "tokenizer.sampling={alpha: 0.2}" in overrides:  # and the sampling changed what was trained on
         plain = fit(load_recipe(recipe_path), tmp_path / "c", data_dir=str(data_dir), max_steps=30, progress_bar=False)
         c = read_weights(plain / "checkpoints/last.ckpt")
         assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-3

@@ -206,7 +206,9 @@ class TrainConfig:
     # 5 for its translation runs). Costs a second forward and backward per step. 0: off.
     rdrop: float = 0.0
     clip_norm: float = 0.0  # 0: no gradient clipping
-    precision: str = "32"  # 32 | bf16-mixed | 16-mixed (Lightning's names)
+    # 32 | bf16-mixed | 16-mixed (Lightning's names) | auto: bf16-mixed where the device multiplies bf16 natively
+    # (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else 32.
+    precision: str = "32"
     val_every: int = 1000  # steps between validations (0: once per epoch)
     val_bleu: str = "greedy"  # greedy | beam | none: how validation BLEU decodes
     val_max_sentences: int = 0  # 0: the whole validation set
@@ -302,8 +304,8 @@ class Recipe:
             (self.data.task != "lm" or 1 < self.data.block_size < self.model.max_positions,
              f"data.block_size={self.data.block_size} must lie below model.max_positions={self.model.max_positions}"),
             (self.tokenizer.type in ("bpe", "unigram"), f"tokenizer.type={self.tokenizer.type!r}: expected bpe or unigram"),
-            (t.precision in ("32", "bf16-mixed", "16-mixed", "bf16-true"), f"train.precision={t.precision!r}: "
-             "expected 32, bf16-mixed or 16-mixed"),
+            (t.precision in ("32", "bf16-mixed", "16-mixed", "bf16-true", "auto"), f"train.precision={t.precision!r}: "
+             "expected 32, bf16-mixed, 16-mixed or auto"),
             (t.val_bleu in ("greedy", "beam", "none"), f"train.val_bleu={t.val_bleu!r}: expected greedy, beam or none"),
             (d.lp_form in ("gnmt", "length"), f"decode.lp_form={d.lp_form!r}: expected gnmt or length"),
             (d.beam_stop in ("early", "optimal"), f"decode.beam_stop={d.beam_stop!r}: expected early or optimal"),
