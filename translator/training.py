@@ -106,7 +106,7 @@ def native_bf16(accelerator: str | None) -> bool:
 
 def resolve_precision(precision: str, accelerator: str | None) -> str:
     """train.precision as Lightning takes it: `auto` is bf16-mixed where bf16 is native (a Multi30k step on a
-    2-core CPU with AVX512-BF16: ~1.45x float32's speed, benchmarks/train_precision.py), else 32."""
+    2-core CPU with AVX512-BF16: 1.46x float32's speed, benchmarks/train_precision.py), else 32."""
     if precision != "auto":
         return precision
     return "bf16-mixed" if native_bf16(accelerator) else "32"
