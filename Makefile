@@ -40,8 +40,8 @@ test: $(STAMP)
 
 # Train the Multi30k en->de recipe on the CPU for DEMO_STEPS (about 11 minutes on 2 cores; the learning rate
 # cools down over the last 200; 4096-token batches, a warmup of 400, lr_scale 0.7, dropout 0.1 and float32, the
-# settings the demo was measured with), translate test2016 with beam 4 (no MBR, as measured), print sacreBLEU, and draw the learning
-# curves. Multi30k comes from $(DATA), else from the Hugging Face hub. DEMO_MINUTES caps slow machines.
+# settings the demo was measured with), translate test2016 with beam 4 (no MBR, as measured), print sacreBLEU, and
+# draw the learning curves. Multi30k comes from $(DATA), else from the Hugging Face hub. DEMO_MINUTES caps slow machines.
 demo: $(STAMP)
 	rm -rf $(DEMO_RUN)
 	$(TRANSLATOR) train --config recipes/multi30k/en_de.yaml --data-dir $(DATA) --out $(DEMO_RUN) \
