@@ -7,12 +7,14 @@ import pytest
 glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
                                 reason="glibc's allocator")
 
-# Allocates and frees a 64 MB tensor ten times, then prints the page faults the last nine took.
+# Allocates and frees a 64 MB tensor twenty times, then prints the page faults the last nine took. The first few
+# may grow the heap: a small allocation can be carved from a freed block, leaving it too short for the next.
 FAULTS = """
 import resource, sys, torch
 from translator.memory import hold_freed_memory
 held = hold_freed_memory() if sys.argv[1] == "hold" else None
-torch.ones(16 << 20).sum()
+for _ in range(11):
+    torch.ones(16 << 20).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(9):
     torch.ones(16 << 20).sum()
@@ -34,7 +36,7 @@ def test_held_memory_serves_large_tensors_without_fresh_pages():
     assert held == "True"
     block = (64 << 20) // os.sysconf("SC_PAGE_SIZE")  # pages
     assert by_default > 0.9 * 9 * block  # glibc maps each of the nine blocks afresh: every page faults once
-    assert with_hold <= 2 * block  # freed blocks are reused (the heap may grow once more, not nine times)
+    assert with_hold <= block  # once the heap has grown to fit, freed blocks are reused
 
 
 @glibc_only
