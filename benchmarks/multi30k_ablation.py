@@ -133,7 +133,7 @@ def main() -> None:
             print(f"{name:24s} mean over seeds {entry['seeds']}: {entry['val_bleu_change_mean']:+.2f}")
     save_result(args.name, {"runs": rows, "summary": summary}, "cpu", recipe=args.recipe,
                 notes="validation BLEU is greedy (train.val_bleu), on the whole validation set; each variant "
-                      "changes only its overrides (listed against today's recipe) from its baseline; the same tokens "
+                      "changes only its overrides (listed against the recipe file) from its baseline; the same tokens "
                       "(steps x tokens per step) as the baseline, or where a switch makes a step cheaper (vocabulary, "
                       "d_ff) more steps for about the same time; train_seconds "
                       "is wall time and depends on what else the machine ran")
