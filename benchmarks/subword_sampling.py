@@ -65,7 +65,8 @@ def main() -> None:
             row = {}
             for who, seconds in times.items():
                 best = min(seconds)
-                row[who] = {"seconds": [round(s, 4) for s in seconds], "us_per_stored_token": round(best / stored * 1e6, 2),
+                row[who] = {"seconds": [round(s, 4) for s in seconds],
+                            "us_per_stored_token": round(best / stored * 1e6, 2),
                             "ms_per_2048_token_side": round(best / stored * 2048 * 1e3, 1),
                             "growth": round(tokens[who] / stored, 3)}
             row["slowdown"] = round(min(times["translator"]) / min(times["sentencepiece"]), 1)
