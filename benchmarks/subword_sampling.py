@@ -9,7 +9,6 @@ joint BPE (BPE-dropout) or a unigram model of the same size (n-best sampling).
 from __future__ import annotations
 
 import argparse
-import gzip
 import sys
 import tempfile
 import time
@@ -31,11 +30,10 @@ def main() -> None:
 
     import sentencepiece as spm
 
-    from translator.data import Tokenizer
+    from translator.data import Tokenizer, read_lines
     from translator.subword import SubwordSampling
 
-    sides = {lang: [line.strip() for line in gzip.open(Path(args.data_dir) / f"multi30k/train.{lang}.gz", "rt",
-                                                       encoding="utf-8")] for lang in ("en", "de")}
+    sides = {lang: read_lines(Path(args.data_dir) / f"multi30k/train.{lang}.gz") for lang in ("en", "de")}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model_type in ("bpe", "unigram"):
