@@ -395,3 +395,21 @@ def test_attention_runs_in_float32_under_cpu_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tiny(attention_dropout=0.1).train()(src, tgt)
     assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
+
+
+def test_word_dropout_zeroes_whole_tokens_in_training_only():
+    from translator.model import Embedding
+
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
+                      dropout=0.0, word_dropout=0.25)
+    embed = Embedding(cfg, 50).train()
+    tokens = random_tokens(64, 40, high=50)
+    positions = embed.positions[:40]
+    content = embed(tokens) - positions  # what the token contributes at each position
+    dropped = (content == 0).all(dim=-1)
+    assert abs(dropped.float().mean().item() - 0.25) < 0.03  # whole tokens, at rate p
+    assert ((content == 0).any(dim=-1) == dropped).all()  # never part of a token's features
+    full = embed.token(tokens) * embed.scale
+    torch.testing.assert_close(content[~dropped], full[~dropped] / 0.75)  # the kept ones scaled by 1 / (1 - p)
+    embed.eval()
+    torch.testing.assert_close(embed(tokens) - positions, full)  # decoding sees every token

@@ -32,6 +32,9 @@ class ModelConfig:
     dropout: float = 0.1  # on each sublayer output and on embeddings + positions (Section 5.4)
     attention_dropout: float = 0.0  # on attention weights (not in the paper)
     activation_dropout: float = 0.0  # inside the feed-forward, after the activation (not in the paper)
+    # Whole tokens' embeddings zeroed in training, source and target (word dropout: Marian's --dropout-src and
+    # --dropout-trg, Sennrich & Zhang 2019 for small data; not in the paper).
+    word_dropout: float = 0.0
     activation: str = "relu"
     norm_first: bool = False  # False: the paper's post-norm LN(x + Sublayer(x)); True: pre-norm
     max_positions: int = 1024
@@ -72,7 +75,7 @@ class ModelConfig:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.d_model % 2:
             raise ConfigError(f"d_model={self.d_model} must be even for sinusoidal positions")
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
+        for name in ("dropout", "attention_dropout", "activation_dropout", "word_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1)")
         if self.n_decoder_layers < 1:

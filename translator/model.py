@@ -211,7 +211,8 @@ class Stack(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embedding times sqrt(d_model), plus sinusoidal positions, then dropout (Sections 3.4, 3.5, 5.4)."""
+    """Token embedding times sqrt(d_model), plus sinusoidal positions, then dropout (Sections 3.4, 3.5, 5.4). With
+    word_dropout, training also zeroes whole tokens' embeddings (the positions stay)."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, token: nn.Embedding | None = None):
         super().__init__()
@@ -219,6 +220,7 @@ class Embedding(nn.Module):
         self.scale = math.sqrt(cfg.d_model)
         self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
         self.dropout = Dropout(cfg.dropout)
+        self.word_dropout = Dropout(cfg.word_dropout)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, end: int | None = None) -> Tensor:
         """tokens: (B, T); positions: (T,) or (B, T), default 0..T-1, all below `end`. Returns (B, T, C)."""
@@ -228,7 +230,10 @@ class Embedding(nn.Module):
                              "truncate the input or raise max_positions")
         if positions is None:
             positions = torch.arange(tokens.size(1), device=tokens.device)
-        return self.dropout(self.token(tokens) * self.scale + self.positions[positions])
+        x = self.token(tokens) * self.scale
+        if self.word_dropout.training and self.word_dropout.p:  # one mask entry per token, over all its features
+            x = x * self.word_dropout(x.new_ones(*tokens.shape, 1))
+        return self.dropout(x + self.positions[positions])
 
 
 class DraftHead(nn.Module):

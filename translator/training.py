@@ -431,7 +431,7 @@ DATA = "data"  # the store a run prepares for itself, inside its directory
 
 
 # Model settings --init-from may change; draft heads missing from the source start fresh.
-FINE_TUNABLE = {"dropout", "attention_dropout", "activation_dropout", "draft_heads", "draft_chain"}
+FINE_TUNABLE = {"dropout", "attention_dropout", "activation_dropout", "word_dropout", "draft_heads", "draft_chain"}
 
 
 def _check_init_from(recipe: Recipe, source: Recipe, source_dir: str) -> None:
