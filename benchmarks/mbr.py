@@ -6,6 +6,14 @@ search's best, and of the MBR choice among its N best for each N and utility, fr
 For BLEU, with both weightings of the candidates as references: uniform (`mbr_bleu`) and the model's
 (`mbr_bleu_weighted`: the softmax of the search scores over the N best, `translate --mbr`'s default); and the
 seconds each part takes.
+
+With --samples M, also MBR with sampled candidates (Freitag et al. 2023 found epsilon sampling's the best
+candidates for MBR): M epsilon samples per sentence (`--epsilon`), alone (`samples`: candidates and uniform
+pseudo-references), and together with the N best of the last of --sizes (`nbest_samples_mix_L`: every candidate is
+a hypothesis; as references the N best carry weight L, by the model's softmax, and the samples 1 - L, uniformly).
+
+    python benchmarks/mbr.py --model runs/bench_multi30k_en_de --sizes 16 --samples 64 --epsilon 0.02
+
 Choose on validation (the default split); look at test once.
 """
 
@@ -23,7 +31,37 @@ from translator.checkpoint import load_model  # noqa: E402
 from translator.data import load_corpus  # noqa: E402
 from translator.inference import translate_hypotheses  # noqa: E402
 from translator.lines import one_line  # noqa: E402
-from translator.mbr import mbr_order  # noqa: E402
+from translator.mbr import expected_utility, mbr_order, model_weights  # noqa: E402
+
+
+def sampled_mbr(model, tokenizer, ids, decode, texts, found, args, score) -> dict:
+    """MBR with args.samples epsilon samples per sentence: alone, and mixed with the N best (`texts`, `found`)."""
+    import torch
+
+    start = time.perf_counter()
+    repeated = [s for s in ids for _ in range(args.samples)]
+    drawn = translate_hypotheses(model, repeated, decode, mode="sample", sampling={"epsilon": args.epsilon},
+                                 generator=torch.Generator().manual_seed(args.seed))
+    flat = [one_line(t) for t in tokenizer.decode([hyps[0].tokens for hyps in drawn])]
+    samples = [flat[i * args.samples:(i + 1) * args.samples] for i in range(len(ids))]
+    row = {"epsilon": args.epsilon, "sample_s": round(time.perf_counter() - start, 1), "nbest": len(texts[0])}
+    start = time.perf_counter()
+    row["samples"] = score([s[mbr_order(s)[0]] for s in samples])
+    row["samples_s"] = round(time.perf_counter() - start, 1)
+    for share in args.mix:
+        start = time.perf_counter()
+        chosen = []
+        for nbest, hyps, drawn_here in zip(texts, found, samples):
+            beam_weights = model_weights([h.score for h in hyps])
+            total = sum(beam_weights)
+            weights = [share * w / total for w in beam_weights] + [(1 - share) / len(drawn_here)] * len(drawn_here)
+            candidates = nbest + drawn_here
+            gains = expected_utility(candidates, "bleu", weights)
+            chosen.append(candidates[max(range(len(candidates)), key=lambda i: (gains[i], -i))])
+        row[f"nbest_samples_mix_{share}"] = score(chosen)
+        row[f"nbest_samples_mix_{share}_s"] = round(time.perf_counter() - start, 1)
+    print("samples", row, flush=True)
+    return row
 
 
 def main() -> None:
@@ -33,6 +71,11 @@ def main() -> None:
     ap.add_argument("--split", default="valid", choices=["valid", "test"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16], help="candidates (beam size) per setting")
     ap.add_argument("--sentences", type=int, default=0, help="the first N sentences only (0: all)")
+    ap.add_argument("--samples", type=int, default=0, help="epsilon samples per sentence as MBR candidates (0: none)")
+    ap.add_argument("--epsilon", type=float, default=0.02)
+    ap.add_argument("--mix", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                    help="the N best's share of the pseudo-references' weight, with --samples")
+    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
 
@@ -72,6 +115,8 @@ def main() -> None:
             row[f"{key}_changed"] = sum(c != t[0] for c, t in zip(chosen, texts))
         metrics[f"beam_{n}"] = row
         print(n, row, flush=True)
+    if args.samples:
+        metrics[f"samples_{args.samples}"] = sampled_mbr(model, tokenizer, ids, recipe.decode, texts, found, args, score)
     name = args.name or f"mbr_{Path(args.model).name}_{args.split}"
     save_result(name, metrics, "cpu", bleu_signature=str(bleu.get_signature()))
 

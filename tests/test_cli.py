@@ -87,6 +87,8 @@ def test_nbest_and_sampling(toy_model_dir, tmp_path, capsys):
                for seed in (1, 1, 2)]
     assert samples[0] == samples[1] and len(samples[0].splitlines()) == 2
     assert samples[2] != samples[0]  # another seed, another sample
+    code, out, _ = run(["translate", "--model", run_dir, "-i", source, "--sample", "--epsilon", 0.02], capsys)
+    assert code == 0 and len(out.splitlines()) == 2
 
 
 def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys, monkeypatch):
@@ -111,6 +113,7 @@ def test_translate_errors_are_one_line(toy_model_dir, tmp_path, capsys, monkeypa
                              (["--chunk-lines", 0], "--chunk-lines must be positive (got 0)"),
                              (["--sample", "--top-p", 0], "--top-p 0.0: must lie in (0, 1]"),
                              (["--top-p", 1.5], "--top-p 1.5: must lie in (0, 1]"),
+                             (["--sample", "--epsilon", 1], "--epsilon 1.0: must lie in [0, 1)"),
                              (["--sample", "--temperature", 0], "--temperature 0.0: must be positive")):
         code, _, err = run(["translate", "--model", run_dir, "-i", good, "-o", tmp_path / "never.de", *options], capsys)
         assert code == 1 and message in err and not (tmp_path / "never.de").exists(), options

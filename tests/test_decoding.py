@@ -217,6 +217,21 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert seen == {3, 4}
 
 
+def test_epsilon_sampling_drops_the_tokens_below_epsilon_but_never_the_best():
+    # Probabilities 0.5, 0.3, 0.15, 0.05: epsilon 0.1 keeps tokens 3, 4 and 5, in proportion; epsilon 0.6 would
+    # drop all of them, so it keeps the best.
+    logits = torch.tensor([[-1e9, -1e9, math.log(0.05), math.log(0.5), math.log(0.3)] + [math.log(0.15)]])
+    step = lambda tokens, state: logits.expand(tokens.size(0), -1)
+    draws = sample(step, History(), bos(4000), 1, EOS, epsilon=0.1, generator=torch.Generator().manual_seed(0),
+                   min_len=1)
+    counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=6).float()
+    assert counts[:3].sum() == 0
+    torch.testing.assert_close(counts[3:] / counts.sum(), torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.03, rtol=0)
+    assert {d[0] for d in sample(step, History(), bos(50), 1, EOS, epsilon=0.6, min_len=1)} == {3}
+    with pytest.raises(ValueError, match="epsilon"):
+        sample(step, History(), bos(1), 1, EOS, epsilon=1.0)
+
+
 def test_batched_beam_search_equals_one_sentence_at_a_time():
     model = tiny_model()
     src = torch.randint(4, 20, (5, 8))

@@ -228,6 +228,8 @@ def _add_sampling(p) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample among the smallest set with this mass")
+    p.add_argument("--epsilon", type=float, default=0.0,
+                   help="sample among tokens of probability at least this (epsilon sampling; 0: all)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -112,7 +112,9 @@ def _sampling(args) -> dict:
         raise ValueError(f"--top-k {args.top_k}: must not be negative (0: no top-k filter)")
     if args.temperature <= 0:
         raise ValueError(f"--temperature {args.temperature}: must be positive")
-    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    if not 0 <= args.epsilon < 1:
+        raise ValueError(f"--epsilon {args.epsilon}: must lie in [0, 1) (0: no epsilon filter)")
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "epsilon": args.epsilon}
 
 
 def _mode(args, options) -> tuple[str, dict | None]:

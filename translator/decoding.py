@@ -143,7 +143,7 @@ def _best_allowed(logits: Tensor, k: int, eos: int, excluded: Tensor | None,
     return values, tokens, top
 
 
-def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float, epsilon: float = 0.0) -> Tensor:
     logits = logits / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -153,6 +153,9 @@ def _filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), -torch.inf)
+    if epsilon > 0:  # epsilon sampling (Hewitt et al. 2022): no token below probability epsilon, but the best one
+        probs = logits.float().softmax(dim=-1)
+        logits = logits.masked_fill((probs < epsilon) & (probs < probs.amax(dim=-1, keepdim=True)), -torch.inf)
     return logits
 
 
@@ -230,16 +233,18 @@ def greedy(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eo
 
 def sample(step: StepFn, state: State, prefix: Tensor, max_len: int | Tensor, eos: int,
            banned: Sequence[int] = (), min_len: int = 0, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
-    """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering; `generator` seeds it."""
+           top_p: float = 1.0, epsilon: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Ancestral sampling with temperature, top-k, nucleus (top-p) and epsilon filtering; `generator` seeds it."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive (use greedy for temperature 0)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must lie in (0, 1]")
+    if not 0 <= epsilon < 1:
+        raise ValueError(f"epsilon={epsilon} must lie in [0, 1)")
 
     def choose(logits: Tensor, must_end: Tensor | None, may_end: bool) -> Tensor:
         allowed = _restrict(logits, eos, banned, must_end, may_end)
-        probs = _filter_logits(allowed, temperature, top_k, top_p).softmax(dim=-1)
+        probs = _filter_logits(allowed, temperature, top_k, top_p, epsilon).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     return _generate(step, state, prefix, max_len, eos, choose, min_len)
@@ -464,7 +469,7 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
     proposals). `state` must offer reorder and reject(kept, fed) (see DecodeState).
     Each round feeds every row its main token and the K proposals in one pass; each row keeps the longest run of
     proposals the model agrees with (rows keep different numbers), plus the model's own next token. Greedy
-    (sampling=None) gives exactly greedy()'s output; with sampling (temperature, top_k, top_p) every kept token
+    (sampling=None) gives exactly greedy()'s output; with sampling (temperature, top_k, top_p, epsilon) every kept token
     follows the model's filtered distribution (a proposal x is kept with probability min(1, p(x) / q(x)), else
     the next token is drawn from max(0, p - q)).
     Rounds propose only while at most `max_rows` rows are unfinished (None: always); until then they are plain
@@ -483,7 +488,8 @@ def self_speculative(feed: Callable[[Tensor, State], Tensor], main: Callable[[Te
             return logits  # greedy reads only the argmax: normalising would not change it
         shape = logits.shape
         logits = _filter_logits(logits.reshape(-1, shape[-1]), sampling.get("temperature", 1.0),
-                                sampling.get("top_k", 0), sampling.get("top_p", 1.0)).view(shape)
+                                sampling.get("top_k", 0), sampling.get("top_p", 1.0),
+                                sampling.get("epsilon", 0.0)).view(shape)
         return torch.log_softmax(logits, dim=-1)
 
     def pick(lprobs: Tensor) -> Tensor:  # (n, V) -> (n,)

@@ -93,7 +93,7 @@ def translate_ids(model: EncoderDecoder | DecoderOnly | Ensemble, sources: Seque
                   prefixes: Sequence[Sequence[int]] | None = None) -> list[list[list[int]]]:
     """Translate token-id sequences (without EOS) with an encoder-decoder or a decoder-only translation model
     (or an Ensemble of them). Returns, per input in input order, `nbest` token lists. mode: 'beam', 'greedy' or
-    'sample' (with `sampling` = temperature/top_k/top_p). `prefixes`: per input, target tokens the output must
+    'sample' (with `sampling` = temperature/top_k/top_p/epsilon). `prefixes`: per input, target tokens the output must
     start with (empty: none); they are part of the returned tokens."""
     found = translate_hypotheses(model, sources, options, mode, nbest, sampling, generator, prefixes)
     return [[h.tokens for h in hyps] for hyps in found]
