@@ -57,7 +57,7 @@ def sampled_mbr(model, tokenizer, ids, decode, texts, found, args, score) -> dic
             weights = [share * w / total for w in beam_weights] + [(1 - share) / len(drawn_here)] * len(drawn_here)
             candidates = nbest + drawn_here
             gains = expected_utility(candidates, "bleu", weights)
-            chosen.append(candidates[max(range(len(candidates)), key=lambda i: (gains[i], -i))])
+            chosen.append(candidates[gains.index(max(gains))])  # ties: the first, as mbr_order keeps them
         row[f"nbest_samples_mix_{share}"] = score(chosen)
         row[f"nbest_samples_mix_{share}_s"] = round(time.perf_counter() - start, 1)
     print("samples", row, flush=True)
