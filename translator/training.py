@@ -216,7 +216,9 @@ class TranslationModule(L.LightningModule):
     def configure_optimizers(self):
         t = self.recipe.train
         betas = tuple(t.adam_betas) if t.adam_betas else (0.9, 0.98)
-        fused = self.device.type == "cuda"
+        # The fused kernel: on a CPU it takes 5.5 ms of a `small` step's 434 against 13.3 for the default
+        # (benchmarks/train_optimizer.py); the same update up to rounding.
+        fused = self.device.type in ("cuda", "cpu")
         cls = torch.optim.AdamW if t.weight_decay else torch.optim.Adam
         optimizer = cls(self.parameters(), lr=1.0, betas=betas, eps=t.adam_eps, weight_decay=t.weight_decay,
                         fused=fused or None)
