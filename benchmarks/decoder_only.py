@@ -51,10 +51,13 @@ def train(name: str, args, tokenizer_from: Path | None) -> Path:
     if tokenizer_from is not None:  # one vocabulary for all: drafts must share the target's
         shutil.copyfile(tokenizer_from, run / TOKENIZER)
     path, overrides = MODELS[name]
-    if path == ENCODER_DECODER:  # the decoder-only recipe's batches and schedule for both (en_de.yaml has since
-        shared = load_recipe(DECODER_ONLY).train  # moved to 2048-token batches; this comparison keeps 4096)
-        overrides = overrides + [f"train.{key}={getattr(shared, key)}"
-                                 for key in ("max_tokens", "max_steps", "warmup", "lr_scale", "cooldown")]
+    if path == ENCODER_DECODER:
+        # The decoder-only recipe's batches, schedule, precision and dropout for both: en_de.yaml has since moved
+        # to 2048-token batches, bf16 and more dropout; this comparison keeps the settings it was measured with.
+        shared = load_recipe(DECODER_ONLY)
+        overrides = overrides + [f"train.{key}={getattr(shared.train, key)}"
+                                 for key in ("max_tokens", "max_steps", "warmup", "lr_scale", "cooldown", "precision")] \
+            + [f"model.{key}={getattr(shared.model, key)}" for key in ("dropout", "word_dropout")]
     recipe = load_recipe(path, overrides)
     # The recipe's schedule shrunk to --steps: warmup and cooldown in proportion, and the same peak learning
     # rate (the inverse-sqrt peak grows as warmup^-0.5, so lr_scale shrinks with it).
