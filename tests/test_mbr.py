@@ -109,7 +109,9 @@ def test_serve_answers_with_the_recipes_mbr_and_greedy_for_beam_1(toy_model_dir)
     from translator.serve import Translator
 
     run_dir, data_dir = toy_model_dir
-    lines = (data_dir / "toy/valid.en").read_text().splitlines()[:12]
+    # All 100 lines: MBR departs from beam search's best on about a fifth of them, which ones depending on how
+    # the toy model's training rounded.
+    lines = (data_dir / "toy/valid.en").read_text().splitlines()
     model, tokenizer, recipe = load_model(run_dir)
     recipe.decode = dataclasses.replace(recipe.decode, mbr=5)
     served = Translator(model, tokenizer, recipe, [str(run_dir)])
