@@ -62,6 +62,7 @@ def test_round_trip_through_dict():
 @pytest.mark.parametrize("train, message", [
     (dict(rdrop=-1.0), r"train.rdrop=-1.0 must not be negative"),
     (dict(cooldown=10, max_steps=10), r"train.cooldown=10 must lie in \[0, max_steps\)"),
+    (dict(schedule="cosine"), r"train.schedule='cosine': expected inverse_sqrt or hold"),
     (dict(rdrop=5.0, freeze="base", init_from="runs/x"), "train.rdrop needs dropout"),
 ])
 def test_invalid_training_settings_rejected(train, message):

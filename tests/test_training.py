@@ -32,6 +32,16 @@ def test_learning_rate_follows_the_paper():
     assert cooled(10000) == pytest.approx(lr(10000) / 1000) and cooled(10001) == 0.0
 
 
+def test_held_learning_rate_stays_at_the_peak_until_the_cooldown():
+    paper = inverse_sqrt_lr(512, 4000, cooldown=1000, max_steps=10000)
+    held = inverse_sqrt_lr(512, 4000, cooldown=1000, max_steps=10000, hold=True)
+    peak = 512 ** -0.5 * 4000 ** -0.5
+    assert held(2000) == pytest.approx(paper(2000))  # the same warmup
+    assert held(4000) == held(6000) == held(9000) == pytest.approx(peak)  # then no inverse square root fall
+    assert paper(9000) == pytest.approx(peak * (4000 / 9000) ** 0.5)
+    assert held(9501) == pytest.approx(peak * 0.5) and held(10001) == 0.0  # the same linear cooldown
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_label_smoothed_loss_matches_torch_and_its_gradient(dtype):
     logits = torch.randn(3, 5, 40, dtype=torch.float32).to(dtype).requires_grad_()

@@ -200,6 +200,9 @@ class TrainConfig:
     lr_scale: float = 1.0
     warmup: int = 4000
     cooldown: int = 0  # last steps over which lr falls linearly to 0 (not in the paper; 0: its schedule)
+    # inverse_sqrt: the paper's fall after the warmup | hold: the peak held until the cooldown (warmup-stable-decay,
+    # not in the paper)
+    schedule: str = "inverse_sqrt"
     adam_betas: list | None = None  # None: the paper's (0.9, 0.98)
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
@@ -324,6 +327,7 @@ class Recipe:
             (t.max_tokens > 0 and t.accumulate > 0 and t.warmup > 0 and t.max_steps > 0,
              "train.max_tokens, accumulate, warmup and max_steps must be positive"),
             (0 <= t.cooldown < t.max_steps, f"train.cooldown={t.cooldown} must lie in [0, max_steps)"),
+            (t.schedule in ("inverse_sqrt", "hold"), f"train.schedule={t.schedule!r}: expected inverse_sqrt or hold"),
             (0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must lie in [0, 1)"),
             (d.beam >= 1, f"decode.beam={d.beam} must be at least 1"),
             (d.max_len_a >= 0 and d.max_len_b >= 0 and (d.max_len_a, d.max_len_b) != (0, 0),

@@ -80,13 +80,16 @@ def symmetric_kl(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (((logp.exp() - logq.exp()) * (logp - logq)).sum(-1) * keep).sum()
 
 
-def inverse_sqrt_lr(d_model: int, warmup: int, scale: float = 1.0, cooldown: int = 0, max_steps: int = 0):
+def inverse_sqrt_lr(d_model: int, warmup: int, scale: float = 1.0, cooldown: int = 0, max_steps: int = 0,
+                    hold: bool = False):
     """lrate = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step counting from 1 (Section 5.3).
     With cooldown > 0 (not in the paper), the rate also falls linearly to zero over the last `cooldown` of
-    `max_steps`, so a fixed-budget run ends converged rather than mid-stride."""
+    `max_steps`, so a fixed-budget run ends converged rather than mid-stride. With `hold` (not in the paper), the
+    rate stays at its peak from the end of the warmup until the cooldown instead of falling as step^-0.5
+    (warmup-stable-decay: Zhai et al. 2022, Hägele et al. 2024)."""
     def lr(step: int) -> float:
         step = max(step, 1)
-        rate = scale * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+        rate = scale * d_model ** -0.5 * min(warmup ** -0.5 if hold else step ** -0.5, step * warmup ** -1.5)
         if cooldown > 0 and max_steps > 0:
             rate *= min(1.0, max(0.0, (max_steps - step + 1) / cooldown))
         return rate
@@ -222,7 +225,8 @@ class TranslationModule(L.LightningModule):
         cls = torch.optim.AdamW if t.weight_decay else torch.optim.Adam
         optimizer = cls(self.parameters(), lr=1.0, betas=betas, eps=t.adam_eps, weight_decay=t.weight_decay,
                         fused=fused or None)
-        lr = inverse_sqrt_lr(self.recipe.model.d_model, t.warmup, t.lr_scale, t.cooldown, self.trainer.max_steps)
+        lr = inverse_sqrt_lr(self.recipe.model.d_model, t.warmup, t.lr_scale, t.cooldown, self.trainer.max_steps,
+                             hold=t.schedule == "hold")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr(step + 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
