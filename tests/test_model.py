@@ -413,3 +413,21 @@ def test_word_dropout_zeroes_whole_tokens_in_training_only():
     torch.testing.assert_close(content[~dropped], full[~dropped] / 0.75)  # the kept ones scaled by 1 / (1 - p)
     embed.eval()
     torch.testing.assert_close(embed(tokens) - positions, full)  # decoding sees every token
+
+
+def test_activation_dropout_drops_the_feed_forward_hidden_units_in_training_only():
+    from translator.model import FeedForward
+
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
+                      activation="gelu", activation_dropout=0.25)
+    ff = FeedForward(cfg).train()
+    seen = []
+    ff.down.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    x = torch.randn(32, 20, 16)
+    ff(x)
+    hidden, full = seen[-1], ff.activation(ff.up(x))
+    dropped = hidden == 0
+    assert abs(dropped.float().mean().item() - 0.25) < 0.02  # single units, at rate p
+    torch.testing.assert_close(hidden[~dropped], full[~dropped] / 0.75)  # the kept ones scaled by 1 / (1 - p)
+    ff.eval()
+    torch.testing.assert_close(ff(x), ff.down(full))  # decoding sees every unit
