@@ -11,19 +11,21 @@ on validation, and look at test2016 once, at the end, with benchmarks/multi30k.p
 benchmarks/results/multi30k_ablation.json: per run its overrides, seed, steps, the validation BLEU curve, the
 final validation BLEU and the difference to the baseline of the same seed (or of seed 1), and per switch the
 mean of its differences to baselines of the same seed (`summary`: two seeds where a difference is small); --against
-NAME=BASELINE compares a row with another run instead (a switch tried on a later recipe).
+NAME=BASELINE compares a row with another run instead (a switch tried on a later recipe). --keep-recorded keeps
+the rows of an earlier results file whose run directories are gone, and adds the runs given now.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_result  # noqa: E402
+from common import RESULTS, save_result  # noqa: E402
 
 from translator.checkpoint import load_torch_checkpoint, read_recipe  # noqa: E402
 from translator.config import load_recipe  # noqa: E402
@@ -60,6 +62,9 @@ def main() -> None:
                         help="compare NAME with the run named BASELINE instead (a switch measured against a later "
                              "recipe)")
     parser.add_argument("--name", default="multi30k_ablation")
+    parser.add_argument("--keep-recorded", action="store_true",
+                        help="keep the rows already in the results file (their runs need not be here any more) and "
+                             "add or replace the runs given now")
     parser.add_argument("--allow-unfinished", action="store_true",
                         help="record --run directories whose training stopped early, up to their last validation")
     args = parser.parse_args()
@@ -101,9 +106,16 @@ def main() -> None:
         rows.append({"name": name, "overrides": settings, "run_dir": str(run_dir), "finished": done,
                      "seed": read_recipe(run_dir).train.seed, "steps": curve[-1]["step"],
                      "train_seconds": curve[-1]["seconds"], "val_bleu": curve[-1]["val_bleu"], "curve": curve})
+    earlier_commands = []
+    recorded = RESULTS / f"{args.name}.json"
+    if args.keep_recorded and recorded.exists():
+        earlier = json.loads(recorded.read_text())
+        earlier_commands = earlier.get("earlier_commands", []) + [earlier["command"]]
+        new = {(row["name"], row["seed"]) for row in rows}
+        rows = [row for row in earlier["metrics"]["runs"] if (row["name"], row["seed"]) not in new] + rows
     against = dict(item.partition("=")[::2] for item in args.against)
     for row in rows:
-        baseline = against.get(row["name"], args.baseline)
+        baseline = against.get(row["name"], row.get("baseline", args.baseline))  # a recorded row keeps its own
         baselines = {r["seed"]: r for r in rows if r["name"] == baseline}
         base = baselines.get(row["seed"]) or baselines.get(1)
         if base is not None and row["name"] != baseline:
@@ -131,7 +143,8 @@ def main() -> None:
     for name, entry in summary.items():
         if len(entry["seeds"]) > 1:
             print(f"{name:24s} mean over seeds {entry['seeds']}: {entry['val_bleu_change_mean']:+.2f}")
-    save_result(args.name, {"runs": rows, "summary": summary}, "cpu", recipe=args.recipe,
+    extra = {"earlier_commands": earlier_commands} if earlier_commands else {}
+    save_result(args.name, {"runs": rows, "summary": summary}, "cpu", recipe=args.recipe, **extra,
                 notes="validation BLEU is greedy (train.val_bleu), on the whole validation set; each variant "
                       "changes only its overrides (listed against the recipe file) from its baseline; the same tokens "
                       "(steps x tokens per step) as the baseline, or where a switch makes a step cheaper (vocabulary, "
