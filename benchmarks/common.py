@@ -26,7 +26,11 @@ def device_description(device: str = "cpu") -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    from translator.training import native_bf16
+
+    # The model name alone does not tell whether bf16 is native (AVX512-BF16, AMX): `precision: auto` hangs on it.
+    bf16 = "native bf16" if native_bf16("cpu") else "no native bf16"
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {bf16}"
 
 
 def versions(*extra: str) -> dict[str, str]:

@@ -106,11 +106,12 @@ def main() -> None:
         rows.append({"name": name, "overrides": settings, "run_dir": str(run_dir), "finished": done,
                      "seed": read_recipe(run_dir).train.seed, "steps": curve[-1]["step"],
                      "train_seconds": curve[-1]["seconds"], "val_bleu": curve[-1]["val_bleu"], "curve": curve})
-    earlier_commands = []
+    earlier_saves = []  # the commands that made the kept rows, and where they ran
     recorded = RESULTS / f"{args.name}.json"
     if args.keep_recorded and recorded.exists():
         earlier = json.loads(recorded.read_text())
-        earlier_commands = earlier.get("earlier_commands", []) + [earlier["command"]]
+        earlier_saves = earlier.get("earlier_saves", []) + [
+            {key: earlier[key] for key in ("command", "device", "versions", "date")}]
         new = {(row["name"], row["seed"]) for row in rows}
         rows = [row for row in earlier["metrics"]["runs"] if (row["name"], row["seed"]) not in new] + rows
     against = dict(item.partition("=")[::2] for item in args.against)
@@ -143,7 +144,7 @@ def main() -> None:
     for name, entry in summary.items():
         if len(entry["seeds"]) > 1:
             print(f"{name:24s} mean over seeds {entry['seeds']}: {entry['val_bleu_change_mean']:+.2f}")
-    extra = {"earlier_commands": earlier_commands} if earlier_commands else {}
+    extra = {"earlier_saves": earlier_saves} if earlier_saves else {}
     save_result(args.name, {"runs": rows, "summary": summary}, "cpu", recipe=args.recipe, **extra,
                 notes="validation BLEU is greedy (train.val_bleu), on the whole validation set; each variant "
                       "changes only its overrides (listed against the recipe file) from its baseline; the same tokens "

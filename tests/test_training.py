@@ -171,6 +171,7 @@ def test_two_process_ddp_on_cpu_through_the_cli(toy_run, tmp_path):
     # One store, prepared once by rank 0, read by both ranks.
     assert result.stderr.count("sentencepiece model on") == 1 and (run / "data" / "manifest.json").is_file()
     assert {f"rank {r}: first training step" in result.stderr for r in (0, 1)} == {True}
+    assert result.stderr.count("; precision 32-true") == 2  # the recipe's float32, named as Lightning runs it
     assert len(checkpoint["rng_states"]) == 2  # each rank's generators
 
 
