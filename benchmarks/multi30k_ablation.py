@@ -12,7 +12,8 @@ benchmarks/results/multi30k_ablation.json: per run its overrides, seed, steps, t
 final validation BLEU and the difference to the baseline of the same seed (or of seed 1), and per switch the
 mean of its differences to baselines of the same seed (`summary`: two seeds where a difference is small); --against
 NAME=BASELINE compares a row with another run instead (a switch tried on a later recipe). --keep-recorded keeps
-the rows of an earlier results file whose run directories are gone, and adds the runs given now.
+the rows already in the results file (their run directories may be gone), but for the runs given again, and adds
+the runs given now.
 """
 
 from __future__ import annotations

@@ -348,7 +348,8 @@ class StartupReport(Callback):
                            batch_idx: int) -> None:
         if not self.done:
             self.done = True
-            # The precision too: `auto` picks float32 on a CPU without native bf16, where a step is ~1.5x dearer.
+            # The precision too: `auto` picks float32 on a CPU without native bf16, where the recipes' bf16 step
+            # times do not hold.
             log.info("rank %d: first training step %.1fs after the start of training; peak memory %.0f MB; "
                      "precision %s", trainer.global_rank, time.perf_counter() - self.start, peak_memory_mb(),
                      trainer.precision)
