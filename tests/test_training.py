@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from translator import build_model
 from translator.checkpoint import load_model, read_weights
 from translator.cli import main
-from translator.config import load_recipe
+from translator.config import ModelConfig, load_recipe
 from translator.data import read_lines
 from translator.inference import translate_ids
-from translator.training import fit, inverse_sqrt_lr, label_smoothed_loss, resolve_precision, symmetric_kl
+from translator.training import (dropout_rates, fit, inverse_sqrt_lr, label_smoothed_loss, resolve_precision,
+                                 symmetric_kl)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,8 +110,9 @@ def test_training_lowers_validation_loss_and_leaves_a_loadable_run(toy_run, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [[], ["tokenizer.sampling={alpha: 0.2}"], ["train.precision=bf16-mixed"]],
-                         ids=["plain", "subword_sampling", "bf16"])
+@pytest.mark.parametrize("overrides", [[], ["tokenizer.sampling={alpha: 0.2}"], ["train.precision=bf16-mixed"],
+                                       ["model.dropout=0.1", "model.word_dropout=0.1", "train.dropout_ramp=20"]],
+                         ids=["plain", "subword_sampling", "bf16", "dropout_ramp"])
 def test_resume_continues_to_the_same_weights(toy_run, tmp_path, overrides):
     data_dir, recipe_path = toy_run
     straight = fit(load_recipe(recipe_path, overrides), tmp_path / "a", data_dir=str(data_dir), max_steps=30,
@@ -127,6 +129,40 @@ def test_resume_continues_to_the_same_weights(toy_run, tmp_path, overrides):
         return
     with pytest.raises(Exception, match="already holds a run; pass --resume"):
         fit(load_recipe(recipe_path), tmp_path / "b", data_dir=str(data_dir), max_steps=60, progress_bar=False)
+
+
+def test_dropout_rates_name_every_source_of_training_noise():
+    """Scaled to zero, the rates train.dropout_ramp scales leave a model in training mode deterministic: no dropout
+    is missed. At their set values it is not."""
+    cfg = ModelConfig.from_name("tiny", vocab_size=50, dropout=0.2, attention_dropout=0.1, activation_dropout=0.1,
+                                word_dropout=0.1)
+    model = build_model(cfg).train()
+    rates = dropout_rates(model)
+    blocks = cfg.n_encoder_layers + cfg.n_decoder_layers
+    # Per block: the residual dropout, the feed-forward's, self-attention's (+ cross-attention's in the decoder);
+    # per embedding (source, target): dropout and word dropout.
+    assert len(rates) == 3 * blocks + cfg.n_decoder_layers + 4
+    assert sorted({rate for _, _, rate in rates}) == [0.1, 0.2]
+    src, tgt = torch.randint(4, 50, (3, 7)), torch.randint(4, 50, (3, 5))
+    assert not torch.equal(model(src, tgt), model(src, tgt))
+    for module, name, _ in rates:
+        setattr(module, name, 0.0)
+    assert torch.equal(model(src, tgt), model(src, tgt))
+
+
+@pytest.mark.slow
+def test_dropout_ramp_rises_linearly_to_the_set_rates(toy_run, tmp_path):
+    import csv
+
+    data_dir, recipe_path = toy_run
+    run = fit(load_recipe(recipe_path, ["model.dropout=0.1", "train.dropout_ramp=25", "train.log_every=5"]),
+              tmp_path / "run", data_dir=str(data_dir), max_steps=40, progress_bar=False)
+    logged = {int(r["step"]): float(r["dropout_scale"])
+              for r in csv.DictReader(open(next(Path(run, "logs").glob("version_*/metrics.csv"))))
+              if r.get("dropout_scale")}
+    assert sorted(logged) == list(range(4, 40, 5))
+    for step, scale in logged.items():  # the step's rates, step counting from 1
+        assert scale == pytest.approx(min(1.0, (step + 1) / 25)), (step, scale)
 
 
 def test_a_new_run_never_writes_over_files_it_did_not_write(toy_run, tmp_path):

@@ -211,6 +211,10 @@ class TrainConfig:
     # output distributions are pulled together by this weight times their symmetric KL (the paper's alpha;
     # 5 for its translation runs). Costs a second forward and backward per step. 0: off.
     rdrop: float = 0.0
+    # Curriculum dropout (Morerio et al. 2017; not in the paper): every dropout rate of the model rises linearly
+    # from 0 to its set value over the first this many steps, so the start, where the model underfits, runs
+    # without the noise. 0: off (the rates hold from the first step).
+    dropout_ramp: int = 0
     clip_norm: float = 0.0  # 0: no gradient clipping
     # 32 | bf16-mixed | 16-mixed (Lightning's names) | auto: bf16-mixed where the device multiplies bf16 natively
     # (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else 32.
@@ -344,6 +348,10 @@ class Recipe:
              "train.init_from (--init-from RUN)"),
             (t.draft_weight >= 0, f"train.draft_weight={t.draft_weight} must not be negative"),
             (t.rdrop >= 0, f"train.rdrop={t.rdrop} must not be negative (0: off)"),
+            (t.dropout_ramp >= 0, f"train.dropout_ramp={t.dropout_ramp} must not be negative (0: off)"),
+            (not (t.dropout_ramp and t.compile), "train.dropout_ramp changes the dropout rates every step, which "
+             "would recompile a train.compile model each time: use one or the other"),
+            (t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must not be negative"),
             (t.rdrop == 0 or t.freeze == "none", "train.rdrop needs dropout, which train.freeze=base turns off"),
             (self.tokenizer.vocab_size >= 8, f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small"),
             _sampling_check(self.tokenizer.sampling),

@@ -32,7 +32,7 @@ from .store import MANIFEST, Store, StoreError, open_store, prepare, settings
 from .subword import SubwordSampling
 from .inference import translate_ids
 from .memory import hold_freed_memory, peak_memory_mb
-from .model import build_model
+from .model import MultiHeadAttention, build_model
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,18 @@ def resolve_precision(precision: str, accelerator: str | None) -> str:
     return "bf16-mixed" if native_bf16(accelerator) else "32"
 
 
+def dropout_rates(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, float]]:
+    """Every non-zero dropout rate of the model as (module, attribute, set value): the dropout modules' p and the
+    rate attention passes to its kernel."""
+    rates = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            rates.append((module, "p", module.p))
+        elif isinstance(module, MultiHeadAttention):
+            rates.append((module, "dropout", module.dropout))
+    return [entry for entry in rates if entry[2] > 0]
+
+
 def rng_states() -> dict[str, Any]:
     """This process's random generators: the CPU's and every visible CUDA device's."""
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -144,6 +156,7 @@ class TranslationModule(L.LightningModule):
                 parameter.requires_grad_(name.startswith("draft_heads."))
         if self.recipe.train.compile:  # in place: the state dict keeps its keys (torch.compile's wrapper would
             self.model.compile()       # prefix them with _orig_mod., which nothing could load)
+        self.dropout_rates = dropout_rates(self.model)  # the set values, which train.dropout_ramp scales
         self.tokenizer = Tokenizer(tokenizer_file) if tokenizer_file else None
         self.references = references or []  # validation targets, by line
         self._last_step_time: float | None = None  # for tokens/s; None after validation and at the start
@@ -167,6 +180,11 @@ class TranslationModule(L.LightningModule):
         cfg, t = self.recipe.model, self.recipe.train
         if t.freeze == "base":  # the heads learn from the features they will read when decoding: no dropout
             self.model.eval()
+        if t.dropout_ramp:  # curriculum dropout: the rates of this step, a function of the step alone (exact resume)
+            scale = min(1.0, (self.global_step + 1) / t.dropout_ramp)
+            for module, name, rate in self.dropout_rates:
+                setattr(module, name, rate * scale)
+            self.log("dropout_scale", scale)
         if t.rdrop:  # both copies in one pass: dropout draws its masks independently per row
             batch = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         h = self(batch)
