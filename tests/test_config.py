@@ -64,6 +64,9 @@ def test_round_trip_through_dict():
     (dict(cooldown=10, max_steps=10), r"train.cooldown=10 must lie in \[0, max_steps\)"),
     (dict(schedule="cosine"), r"train.schedule='cosine': expected inverse_sqrt or hold"),
     (dict(rdrop=5.0, freeze="base", init_from="runs/x"), "train.rdrop needs dropout"),
+    (dict(dropout_ramp=-5), r"train.dropout_ramp=-5 must not be negative"),
+    (dict(dropout_ramp=100, compile=True), "would recompile a train.compile model each time"),
+    (dict(weight_decay=-0.1), r"train.weight_decay=-0.1 must not be negative"),
 ])
 def test_invalid_training_settings_rejected(train, message):
     from translator.config import Recipe
