@@ -149,7 +149,7 @@ def test_last_ckpt_is_replaced_atomically(tmp_path, monkeypatch):
     deleted it first: a kill then left nothing to resume from)."""
     from types import SimpleNamespace
 
-    from translator.training import PeriodicCheckpoints
+    from translator.callbacks import PeriodicCheckpoints
 
     directory = tmp_path / "checkpoints"
     directory.mkdir()

@@ -7,13 +7,11 @@ validation loss, perplexity and sacreBLEU. Distribution (DDP, FSDP, several node
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from .callbacks import LogLines, PeriodicCheckpoints, StartupReport, quiet_lightning
 from .checkpoint import (CHECKPOINTS, CONFIG, TOKENIZER, AtomicCheckpointIO, CheckpointError, check_readable,
                          export_weights, load_model, read_recipe, write_recipe)
 from .config import Recipe
@@ -31,7 +30,7 @@ from .batching import BlockBatches, Prefetched, ResumableBatches, TokenBatches
 from .store import MANIFEST, Store, StoreError, open_store, prepare, settings
 from .subword import SubwordSampling
 from .inference import translate_ids
-from .memory import hold_freed_memory, peak_memory_mb
+from .memory import hold_freed_memory
 from .model import MultiHeadAttention, build_model
 
 log = logging.getLogger(__name__)
@@ -330,93 +329,6 @@ class RunData(L.LightningDataModule):
         return [] if self.make_valid is None else self.make_valid(self.trainer.global_rank, self.trainer.world_size)
 
 
-class LogLines(Callback):
-    """Plain progress lines for logs (a progress bar is for terminals): every log_every steps, and after
-    each validation."""
-
-    def __init__(self, every: int):
-        self.every = every
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if trainer.is_global_zero and step % self.every == 0 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-            m = trainer.callback_metrics
-            log.info("step %d  loss %.3f  %s tok/s  lr %.2e  %.0fs", step, float(m.get("train/loss", float("nan"))),
-                     f"{float(m['tok_s']):.0f}" if "tok_s" in m else "-", float(m.get("lr", float("nan"))),
-                     time.perf_counter() - self.start)
-
-    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        m = trainer.callback_metrics
-        if trainer.is_global_zero and "val/loss" in m:
-            bleu = f"  BLEU {float(m['val/bleu']):.2f}" if "val/bleu" in m else ""
-            log.info("step %d  validation loss %.3f  ppl %.2f%s", trainer.global_step, float(m["val/loss"]),
-                     float(m["val/ppl"]), bleu)
-
-
-class StartupReport(Callback):
-    """One line per rank at its first training step: how long the start took and the memory it holds, the two
-    costs that grow with the corpus when data is not memory-mapped, and the precision it trains in."""
-
-    def __init__(self) -> None:
-        self.start, self.done = time.perf_counter(), False
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if not self.done:
-            self.done = True
-            # The precision too: `auto` picks float32 on a CPU without native bf16, where the recipes' bf16 step
-            # times do not hold.
-            log.info("rank %d: first training step %.1fs after the start of training; peak memory %.0f MB; "
-                     "precision %s", trainer.global_rank, time.perf_counter() - self.start, peak_memory_mb(),
-                     trainer.precision)
-
-
-class PeriodicCheckpoints(ModelCheckpoint):
-    """step{N}.ckpt every `every` steps, the newest `keep` kept, last.ckpt a link to the newest; at the end of
-    training last.ckpt saved as it is then (also when stopped mid-interval by max_steps or max_minutes).
-    last.ckpt is never versioned (Lightning would write last-v1.ckpt beside a last.ckpt it did not write
-    itself, and after a resume link that instead, leaving last.ckpt behind for the next resume)."""
-
-    def __init__(self, directory: Path, every: int, keep: int):
-        super().__init__(dirpath=directory, filename="step{step:07d}", auto_insert_metric_name=False,
-                         every_n_train_steps=every, save_top_k=keep, monitor="step", mode="max", save_last="link",
-                         enable_version_counter=False)
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.last_model_path = str(Path(self.dirpath) / "last.ckpt")
-        trainer.save_checkpoint(self.last_model_path, weights_only=False)
-
-    @staticmethod
-    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
-        """Point last.ckpt at the newest checkpoint atomically: the new link is made beside it and renamed over
-        it. (Lightning deletes, then links: a kill between the two left no last.ckpt to resume from.)"""
-        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            directory, name = os.path.split(linkpath)
-            temporary = os.path.join(directory, f".{name}.link{os.getpid()}")
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temporary)
-            try:
-                os.symlink(os.path.relpath(filepath, directory), temporary)
-            except OSError:  # no symbolic links here (Windows without the privilege): a copy instead
-                shutil.copyfile(filepath, temporary)
-            os.replace(temporary, linkpath)
-        trainer.strategy.barrier()
-
-
-def _quiet_lightning() -> None:
-    """Lightning's banners and tips are noise for this CLI; its warnings and errors still show."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        if logging.getLogger(name).level < logging.WARNING:
-            logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # Our loader resumes by itself (TokenBatches.resume_at), which Lightning cannot see.
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-
-
 def _check_new_run_dir(run_dir: Path) -> None:
     """A new run goes into a new or empty directory, or one left by a start that wrote no checkpoint yet:
     never over another run, nor over files it did not write (a recipe of the same name, say)."""
@@ -557,7 +469,7 @@ def fit(recipe: Recipe, run_dir: str | os.PathLike, data_dir: str | None = None,
     t = recipe.train
     if (accelerator or t.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise RuntimeError("a GPU was asked for (--device cuda or train.accelerator), but no CUDA device is available")
-    _quiet_lightning()
+    quiet_lightning()
     last = run_dir / CHECKPOINTS / "last.ckpt"
     if resume and not last.is_file():
         raise CheckpointError(f"{run_dir}: nothing to resume (no {CHECKPOINTS}/last.ckpt)")
